@@ -1,0 +1,38 @@
+"""Start-up checks shared by the command-line entry points: one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit non-zero."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so a wrong key or group fails in one line.
+
+    Multirun sweeps and Hydra's own flags (``--help``, ``--cfg``) are left to Hydra.
+    """
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+    except Exception as err:  # Hydra/OmegaConf composition errors carry multi-line messages
+        cause = f": {err.__cause__}" if err.__cause__ is not None else ""
+        text = f"{err}{cause}".replace("\n", " ").replace("\t", " ")
+        fail(f"config: {text} (list valid keys with: python -m cryobench_lab --cfg job)")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        fail(f"config: {', '.join(missing)} must be set, e.g. {missing[0]}=<value>")

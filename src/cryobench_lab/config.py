@@ -1,0 +1,101 @@
+"""Typed configuration schemas, registered with Hydra's ConfigStore.
+
+The root schema is strict: an unknown key anywhere in ``data``, ``trainer``, ``metrics`` or at the top level
+fails at start-up. Model configs carry a ``_target_`` (the user swaps the whole method), and their keys are
+checked against the model class's signature when it is built, before any data is touched for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    """Where particles come from and how they are served.
+
+    A dataset is either a simulator ``preset`` (generated on first use, then cached) or user files
+    (``particles`` plus optional ``poses``/``ctf``/``labels``/``gt_volumes``/``structure``).
+    """
+
+    name: str = MISSING
+    # --- simulator presets (see data/presets.py); ignored for user data
+    preset: Optional[str] = None
+    structures: Optional[List[str]] = None  # PDB/mmCIF files replacing the preset's own
+    n_particles: Optional[int] = None  # per state
+    snr: Optional[float] = None
+    sim_seed: int = 0
+    cache_dir: Optional[str] = None
+    # --- user data
+    particles: Optional[str] = None  # .star, .cs, .txt or .mrcs
+    poses: Optional[str] = None  # cryoDRGN poses pickle (overrides the star/cs poses)
+    ctf: Optional[str] = None  # cryoDRGN CTF pickle (overrides the star/cs CTF)
+    labels: Optional[str] = None  # .npy or .pkl, one integer label per particle
+    gt_volumes: Optional[str] = None  # folder of .mrc files in label order
+    structure: Optional[str] = None  # base atomic model for atom-based methods
+    datadir: Optional[str] = None  # folder that relative stack paths in a star/cs file refer to
+    apix: Optional[float] = None  # Å/px, used only where the files lack it
+    # --- serving
+    box_size: Optional[int] = None  # training box (px); presets simulate at it, user data is Fourier-cropped to it
+    invert: Optional[bool] = None  # None: from the dataset's meta.json, else True (cryoDRGN's default)
+    lazy: Optional[bool] = None  # None: in memory when the stack fits memory_cap_gb, else lazy
+    memory_cap_gb: float = 4.0
+    window: bool = True  # soft real-space window before Fourier cropping
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of ``lightning.Trainer`` arguments a run may set."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: Optional[int] = None  # None: the model's own default
+    max_steps: int = -1
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = None
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    limit_train_batches: Optional[float] = None
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking: ``wandb`` (offline unless logged in or ``WANDB_MODE`` is set), ``csv`` or ``none``."""
+
+    kind: str = "wandb"
+    project: str = "cryobench_lab"
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MetricsConfig:
+    """What the shared scorer computes after training."""
+
+    fsc_mask: str = "none"  # none | sphere
+    save_volumes: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

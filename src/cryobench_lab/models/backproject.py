@@ -1,0 +1,150 @@
+"""Oracle reconstruction: Wiener-filtered Fourier backprojection with known poses and CTF.
+
+One volume per ground-truth state (or one consensus volume without labels). Each image is zero-padded by
+``pad`` in real space, re-centred by its shift, and its spectrum is splatted (trilinear) into an oversampled
+Fourier volume together with its CTF: ``num = Σ CTF·F``, ``den = Σ CTF²``, separately for two random half
+sets. The estimate is ``V = num / (den + λ(k))`` with a per-shell regulariser from the half-map FSC
+(``wiener="fsc"``, the RELION-style 1/τ² estimate):
+
+    SSNR_full(k) = 2·FSC_half(k) / (1 − FSC_half(k)),   λ(k) = ⟨den⟩_shell(k) / SSNR_full(k)
+
+so well-measured shells are barely regularised and noise-dominated shells are suppressed. The real-space
+volume is cropped back to the data's box and divided by the trilinear kernel's transform (sinc²) to undo
+the interpolation's apodisation.
+
+This is not trained by gradient descent: one pass over the data accumulates the sums and the solve runs at
+the end of the epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.models.base import ReconstructionModule
+from cryobench_lab.physics.fft import fft2_center, ifft3_center
+from cryobench_lab.physics.shift import phase_shift_2d
+from cryobench_lab.physics.slicing import insert_slices
+
+
+def _shell_index(P: int, device=None) -> torch.Tensor:
+    """Integer radius of every voxel of a centred (P, P, P) grid, (P, P, P) int64."""
+    k = torch.arange(P, device=device) - P // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    return torch.round(r).long()
+
+
+def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``values`` over each integer shell, (n_shells,)."""
+    flat = shells.reshape(-1).clamp(max=n_shells - 1)
+    total = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, values.reshape(-1))
+    count = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, torch.ones_like(values.reshape(-1)))
+    return total / count.clamp(min=1)
+
+
+class Backprojection(ReconstructionModule):
+    """Per-state (oracle) or consensus Wiener backprojection; see the module docstring."""
+
+    default_epochs = 1
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        name: str = "backproject",
+        use_labels: bool = True,
+        pad: int = 2,
+        wiener: str = "fsc",
+        ssnr_floor: float = 1e-3,
+    ):
+        super().__init__(info, name)
+        if wiener not in ("fsc", "constant"):
+            raise ValueError(f"model.wiener must be 'fsc' or 'constant', got {wiener!r}")
+        if not info.has_poses:
+            raise ValueError("model=backproject needs poses: pass data.poses= or a star/cs file with angles")
+        self.automatic_optimization = False
+        self.use_labels = use_labels and info.n_states > 0
+        self.n_classes = info.n_states if self.use_labels else 1
+        self.pad = pad
+        self.wiener = wiener
+        self.ssnr_floor = ssnr_floor
+        P = pad * self.D
+        self.P = P
+        # (classes, halves, P, P, P) accumulators; buffers so they follow the module's device
+        self.register_buffer("num", torch.zeros(self.n_classes, 2, P, P, P, dtype=torch.complex64), persistent=False)
+        self.register_buffer("den", torch.zeros(self.n_classes, 2, P, P, P), persistent=False)
+        self.register_buffer("volumes", torch.zeros(self.n_classes, self.D, self.D, self.D))
+        self.register_buffer("half_fsc", torch.zeros(self.n_classes, P // 2))
+
+    def configure_optimizers(self):
+        return None
+
+    def _padded_spectra(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-centred spectra of zero-padded images and their CTF weights, both (B, P, P)."""
+        D, P = self.D, self.P
+        lo = (P - D) // 2
+        padded = F.pad(batch["images"], (lo, P - D - lo, lo, P - D - lo))  # (B, P, P)
+        spectra = phase_shift_2d(fft2_center(padded), batch["trans"])  # (B, P, P) complex
+        ctf = self.ctf(batch, box=P)
+        if ctf is None:
+            ctf = torch.ones_like(spectra.real)
+        return spectra * ctf, ctf**2
+
+    def training_step(self, batch: dict, batch_idx: int):
+        weighted, ctf2 = self._padded_spectra(batch)
+        classes = batch["label"].clamp(min=0) if self.use_labels else torch.zeros_like(batch["label"])
+        halves = batch["index"] % 2
+        for c in classes.unique():
+            for h in (0, 1):
+                sel = (classes == c) & (halves == h)
+                if sel.any():
+                    insert_slices(weighted[sel], batch["rot"][sel], ctf2[sel], self.num[c, h], self.den[c, h])
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self.solve()
+
+    @torch.no_grad()
+    def solve(self) -> None:
+        """Turn the accumulated sums into real-space volumes (fills ``volumes`` and ``half_fsc``)."""
+        P, D = self.P, self.D
+        shells = _shell_index(P, self.num.device)
+        n_shells = P // 2
+        outside = shells >= n_shells
+        lo = (P - D) // 2
+        x = (torch.arange(D, device=self.num.device) - D // 2) / P
+        sinc2 = torch.sinc(x) ** 2  # transform of the trilinear (triangle) kernel along one axis
+        gridding = sinc2[:, None, None] * sinc2[None, :, None] * sinc2[None, None, :]
+        for c in range(self.n_classes):
+            num_full = self.num[c].sum(0)
+            den_full = self.den[c].sum(0)
+            den_mean = _shell_mean(den_full, shells, n_shells)
+            halves = [self.num[c, h] / (self.den[c, h] + 1e-3 * den_mean.max() / 2) for h in (0, 1)]
+            cross = _shell_mean((halves[0] * halves[1].conj()).real, shells, n_shells)
+            power = _shell_mean(halves[0].abs() ** 2, shells, n_shells) * _shell_mean(halves[1].abs() ** 2, shells, n_shells)
+            fsc = cross / power.sqrt().clamp(min=1e-30)
+            self.half_fsc[c] = fsc
+            if self.wiener == "fsc":
+                f = fsc.clamp(min=0.0, max=0.999)
+                ssnr = (2 * f / (1 - f)).clamp(min=self.ssnr_floor)
+            else:
+                ssnr = torch.full_like(fsc, 1.0 / self.ssnr_floor)
+            lam = den_mean / ssnr  # (n_shells,)
+            V = num_full / (den_full + lam[shells.clamp(max=n_shells - 1)])
+            V[outside] = 0
+            vol = ifft3_center(V).real[lo : lo + D, lo : lo + D, lo : lo + D]
+            self.volumes[c] = vol / gridding
+
+    # ---- evaluation contract -------------------------------------------------------------------------
+    def embed(self, batch: dict) -> dict:
+        if not self.use_labels:
+            return {"latent": None, "class_probs": None}
+        probs = F.one_hot(batch["label"].clamp(min=0), self.n_classes).float()  # oracle assignment
+        return {"latent": None, "class_probs": probs}
+
+    def decode(self, latent: Optional[torch.Tensor], classes: Optional[torch.Tensor]) -> torch.Tensor:
+        if classes is None:
+            classes = torch.zeros(1 if latent is None else latent.shape[0], dtype=torch.long)
+        return self.volumes[classes.to(self.volumes.device)]

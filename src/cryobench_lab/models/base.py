@@ -1,0 +1,75 @@
+"""The shared base of every method and the evaluation contract.
+
+Evaluation never special-cases a method: it calls
+
+- :meth:`ReconstructionModule.embed` on batches → per-image ``latent`` (B, d) and/or ``class_probs`` (B, K);
+- :meth:`ReconstructionModule.decode` on (latent, class) pairs → volumes (M, D, D, D) at the data's box and
+  pixel size, density positive.
+
+A method without a latent returns ``latent=None``; a method without classes returns ``class_probs=None``
+(one class).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+
+from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.physics.ctf import ctf_from_params
+from cryobench_lab.physics.lattice import freq_grid_2d
+
+
+class ReconstructionModule(L.LightningModule):
+    """Base LightningModule: data facts, CTF rendering and the evaluation contract."""
+
+    #: epochs used when ``trainer.max_epochs`` is not set
+    default_epochs: int = 1
+
+    def __init__(self, info: DatasetInfo, name: str):
+        super().__init__()
+        self.info = info
+        self.method_name = name
+        self.D = info.box_size
+        self.apix = info.apix
+
+    def ctf(self, batch: dict, box: Optional[int] = None) -> Optional[torch.Tensor]:
+        """CTF of each image on the centred frequency grid of a ``box``-px image at the data's pixel size.
+
+        ``box`` larger than D samples the same CTF more finely (for padded images). Returns (B, box, box), or
+        None when the data carries no CTF.
+        """
+        if "ctf" not in batch:
+            return None
+        box = box or self.D
+        freqs = freq_grid_2d(box, self.apix, device=batch["ctf"].device)  # (box, box, 2) 1/Å
+        return ctf_from_params(freqs[None], batch["ctf"])
+
+    # ---- evaluation contract -------------------------------------------------------------------------
+    def embed(self, batch: dict) -> dict:
+        """Per-image latents and class probabilities: ``{"latent": (B, d) | None, "class_probs": (B, K) | None}``."""
+        raise NotImplementedError
+
+    def decode(self, latent: Optional[torch.Tensor], classes: Optional[torch.Tensor]) -> torch.Tensor:
+        """Volumes (M, D, D, D) for M latents (M, d) and/or class indices (M,)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_all(self, loader) -> dict:
+        """Run :meth:`embed` over a loader; returns concatenated ``latent``, ``class_probs`` and ``index``."""
+        latents, probs, index = [], [], []
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.embed(batch)
+            if out.get("latent") is not None:
+                latents.append(out["latent"].cpu())
+            if out.get("class_probs") is not None:
+                probs.append(out["class_probs"].cpu())
+            index.append(batch["index"].cpu())
+        return {
+            "latent": torch.cat(latents) if latents else None,
+            "class_probs": torch.cat(probs) if probs else None,
+            "index": torch.cat(index),
+        }

@@ -1,0 +1,135 @@
+"""Build data, model, loggers and trainer from a composed config; train; score; write outputs."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cryobench_lab.callbacks.evaluation import EvaluationCallback
+from cryobench_lab.data.particles import ParticleDataModule
+from cryobench_lab.errors import InputError
+
+
+def _check_model_keys(model_cfg: DictConfig) -> None:
+    """Fail before any work when the model config names a parameter its class does not take."""
+    target = model_cfg.get("_target_")
+    if not target:
+        raise InputError("model: the config has no _target_; choose a method with model=<name>")
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception:
+        raise InputError(f"model._target_: cannot import {target!r}") from None
+    params = inspect.signature(cls.__init__).parameters
+    accepted = set(params) - {"self", "info"}
+    unknown = sorted(set(model_cfg.keys()) - accepted - {"_target_"})
+    if unknown:
+        raise InputError(
+            f"model.{unknown[0]} is not a parameter of {cls.__name__}; valid keys: {', '.join(sorted(accepted))}"
+        )
+
+
+def _check_writable(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / ".write_test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"output folder {out_dir} is not writable ({err.strerror}); set hydra.run.dir=<writable path>") from None
+
+
+def wandb_mode() -> str:
+    """'online' only when the user chose it or is logged in; the run never asks for an account."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return [
+            WandbLogger(
+                project=cfg.logger.project, group=cfg.logger.group, tags=list(cfg.logger.tags),
+                save_dir=str(out_dir), mode=wandb_mode(),
+                name=f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        ]
+    raise InputError(f"logger.kind={kind!r} is unknown; use logger=wandb, logger=csv or logger=none")
+
+
+def _trainer_kwargs(cfg: DictConfig, default_epochs: int) -> dict:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t["max_epochs"] = t["max_epochs"] or default_epochs
+    if t["limit_train_batches"] is None:
+        del t["limit_train_batches"]
+    return t
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and evaluate one configuration; returns the metrics written to ``metrics.json``."""
+    out_dir = Path(cfg.output_dir)
+    created = not (out_dir / "metrics.json").exists()
+    try:
+        _check_model_keys(cfg.model)
+        _check_writable(out_dir)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = ParticleDataModule(cfg.data, seed=cfg.seed)
+        datamodule.setup()
+        model_kwargs = {k: v for k, v in cfg.model.items() if k != "_target_"}
+        try:
+            model = hydra.utils.get_class(cfg.model._target_)(info=datamodule.info, **model_kwargs)
+        except ValueError as err:  # a model that cannot run on these data says why
+            raise InputError(f"model={cfg.model.name}: {err}") from None
+    except InputError:
+        if created:  # no partial run folder for a run that never started
+            _remove_failed_run(out_dir)
+        raise
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    evaluation = EvaluationCallback(datamodule, str(out_dir), cfg.metrics.fsc_mask, cfg.metrics.save_volumes)
+    trainer = L.Trainer(
+        **_trainer_kwargs(cfg, model.default_epochs),
+        default_root_dir=str(out_dir),
+        logger=build_loggers(cfg, out_dir) or False,
+        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    _print_summary(evaluation.metrics, out_dir)
+    return evaluation.metrics
+
+
+def _remove_failed_run(out_dir: Path) -> None:
+    """Delete a run folder that holds nothing but Hydra's bookkeeping."""
+    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log"} if out_dir.exists() else set()
+    if out_dir.exists() and not leftovers:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _print_summary(metrics: dict, out_dir: Path) -> None:
+    keys = [k for k in ("val/fsc_auc", "val/fsc_auc_std", "val/fsc_res_0.5", "val/fsc_res_0.143") if k in metrics]
+    summary = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+    print(f"[cryobench_lab] {metrics.get('method')}: {summary}\n[cryobench_lab] outputs in {out_dir}", file=sys.stderr)
