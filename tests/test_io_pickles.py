@@ -58,7 +58,7 @@ def test_real_pickles_load(name):
 @needs_shared
 def test_pfcrt_pickles_values():
     # pose.star.pkl trans = rlnOrigin (px) / 300; ctf1.pkl = [300, 1.035, dfU, ...] (SOURCES.md)
-    rot, trans = load_poses(CRYOEM / "real_particles/metadata_only/pose.star.pkl", n=5, D=300)
+    _rot, trans = load_poses(CRYOEM / "real_particles/metadata_only/pose.star.pkl", n=5, D=300)
     np.testing.assert_allclose(trans[0], [-0.14063, -0.04688], atol=1e-5)
     ctf = load_ctf(CRYOEM / "real_particles/metadata_only/ctf1.pkl", n=5)
     np.testing.assert_allclose(ctf[0, :4], [300, 1.035, 15686.0, 17521.4], rtol=1e-6)

@@ -144,7 +144,7 @@ def test_relion31_optics_join_and_reversed_blocks():
     pd.testing.assert_frame_equal(a, b)
     assert (a["rlnVoltage"] == 300).all() and (a["rlnImagePixelSize"] == 2.806).all()
     assert a["rlnSphericalAberration"].iloc[0] == pytest.approx(0.01)
-    rot, trans = poses_from_star(a, star_apix(a))
+    _rot, trans = poses_from_star(a, star_apix(a))
     # RELION 3.1 shifts are Å: trans_px = rlnOriginXAngst / apix
     np.testing.assert_allclose(trans[:, 0], a["rlnOriginXAngst"] / 2.806, rtol=1e-6)
     np.testing.assert_allclose(trans[0], [0.019324 / 2.806, -0.64686 / 2.806], rtol=1e-5)
@@ -171,7 +171,7 @@ def test_relion5_star():
     df = read_star(CRYOEM / "star_examples/relion5.star")
     assert star_apix(df) == pytest.approx(0.89) and star_box_size(df) == 448
     assert (df["rlnVoltage"] == 100).all()
-    rot, trans = poses_from_star(df, 0.89)
+    _rot, trans = poses_from_star(df, 0.89)
     np.testing.assert_allclose(trans[0], [-3.12578 / 0.89, -1.41031 / 0.89], rtol=1e-5)
     paths, indices = image_locations(df, CRYOEM / "star_examples/relion5.star")
     assert Path(paths[0]).name == "toy_images_a.mrcs" and indices[0] == 0 and indices[1] == 1

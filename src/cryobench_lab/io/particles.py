@@ -1,0 +1,156 @@
+"""One entry point from user files to particle images + metadata: ``load_particles``.
+
+Sources of each quantity, in priority order:
+- images: the particle file (``.star``, ``.cs``, ``.txt`` list of stacks, or one ``.mrcs``);
+- poses / CTF: the pickles when given (cryoDRGN format), else the star / cs file, else none;
+- pixel size (Å): the star / cs file, else the CTF pickle (rescaled to the image box), else the ``apix``
+  argument, else the first stack's header. Values from several of these must agree (an ``apix``
+  argument that contradicts a file is an error, not silently ignored). Headers come last, after the
+  argument, because real ones often say 0 or 1 Å (SOURCES.md).
+Every row count is cross-checked against the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryobench_lab.errors import InputError
+from cryobench_lab.io.cryosparc import read_cs
+from cryobench_lab.io.pickles import load_ctf, load_poses
+from cryobench_lab.io.stacks import ImageSource
+from cryobench_lab.io.star import (
+    ctf_from_star,
+    has_ctf,
+    has_poses,
+    poses_from_star,
+    read_star,
+    star_apix,
+    star_box_size,
+)
+
+
+@dataclass
+class ParticleMetadata:
+    """Particle images and their metadata, all rows in image order.
+
+    ``rot`` (N, 3, 3) float32 pose matrices, ``trans_px`` (N, 2) float32 re-centring shifts in pixels,
+    ``ctf`` (N, 9) float32 cryoDRGN CTF at this image box (D, apix columns equal ``D``, ``apix``); each
+    None when unknown (``trans_px`` is zeros when poses come without shifts). ``apix`` in Å, ``D`` in pixels, ``source`` the particle file.
+    """
+
+    images: ImageSource
+    rot: np.ndarray | None
+    trans_px: np.ndarray | None
+    ctf: np.ndarray | None
+    apix: float
+    D: int
+    source: str
+
+    @property
+    def n(self) -> int:
+        return self.images.n
+
+
+def _ctf_at_box(ctf: np.ndarray, D: int) -> np.ndarray:
+    """CTF rows rescaled to box ``D``: downsampling D0 → D keeps the field of view, so apix × D0 / D."""
+    ctf = ctf.copy()
+    ctf[:, 1] = ctf[:, 1] * ctf[:, 0] / D
+    ctf[:, 0] = D
+    return ctf
+
+
+def _agree(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+
+
+def load_particles(
+    particles: str | os.PathLike,
+    poses: str | os.PathLike | None = None,
+    ctf: str | os.PathLike | None = None,
+    datadir: str | os.PathLike | None = None,
+    apix: float | None = None,
+) -> ParticleMetadata:
+    """Load particle images (lazily) with poses, CTF and pixel size; see the module docstring.
+
+    Args:
+        particles: ``.star``, ``.cs``, ``.txt`` (stack list) or ``.mrcs``/``.mrc`` file.
+        poses: cryoDRGN poses pickle, overriding poses in the particle file.
+        ctf: cryoDRGN CTF pickle, overriding CTF in the particle file.
+        datadir: folder the star/cs image paths are relative to (default: the metadata file's folder).
+        apix: pixel size in Å, used only where the files do not give one.
+    """
+    path = Path(particles)
+    suffix = path.suffix.lower()
+    rot = trans_px = ctf_array = None
+    file_apix: float | None = None  # from a star or cs file
+    where = "star file"
+    if suffix == ".star":
+        df = read_star(path)
+        images = ImageSource.from_star(df, path, datadir)
+        D = images.D
+        box = star_box_size(df)
+        if box is not None and box != D:
+            raise InputError(f"{path}: rlnImageSize is {box} but the images are {D} px; point the star at "
+                             "the stacks it describes")
+        file_apix = star_apix(df)
+        star_df = df
+    elif suffix == ".cs":
+        cs = read_cs(path)
+        images = ImageSource.from_cs(cs, path, datadir)
+        D = images.D
+        if cs["D"] is not None and cs["D"] != D:
+            raise InputError(f"{path}: blob/shape says {cs['D']} px but the images are {D} px; point the .cs "
+                             "file at the stacks it describes")
+        file_apix = cs["apix"]
+        where = "cs file"
+        star_df = None
+    else:
+        images = ImageSource.from_path(path, datadir)
+        D = images.D
+        star_df = None
+    n = images.n
+
+    ctf_pickle = None
+    if ctf is not None:
+        ctf_pickle = _ctf_at_box(load_ctf(ctf, n=n), D)
+
+    # Pixel size: star/cs, then CTF pickle, then argument, then header. Every value the files and the
+    # argument give must agree: a disagreement means the metadata describe different images.
+    stated = []
+    if file_apix is not None and file_apix > 0:
+        stated.append((file_apix, f"the {where} {path}"))
+    if ctf_pickle is not None and len(ctf_pickle):
+        stated.append((float(ctf_pickle[0, 1]), f"the CTF pickle {ctf} (rescaled to D={D})"))
+    if apix is not None:
+        stated.append((float(apix), "data.apix"))
+    for value, origin in stated[1:]:
+        if not _agree(value, stated[0][0]):
+            raise InputError(f"{origin} gives a pixel size of {value:g} Å but {stated[0][1]} says "
+                             f"{stated[0][0]:g} Å; make them agree (or drop data.apix)")
+    final_apix = stated[0][0] if stated else (images.apix if images.apix > 0 else None)
+    if final_apix is None or not final_apix > 0:
+        raise InputError(f"{path}: no pixel size in the particle files (header says 0); pass data.apix=<Å per "
+                         "pixel>")
+
+    if poses is not None:
+        rot, trans_px = load_poses(poses, n=n, D=D)
+    elif star_df is not None and has_poses(star_df):
+        rot, trans_px = poses_from_star(star_df, final_apix)
+    elif suffix == ".cs":
+        rot, trans_px = cs["rot"], cs["trans_px"]
+    if rot is not None and trans_px is None:  # poses without shifts: the images are centred
+        trans_px = np.zeros((n, 2), dtype=np.float32)
+
+    if ctf_pickle is not None:
+        ctf_array = ctf_pickle
+    elif star_df is not None and has_ctf(star_df):
+        ctf_array = ctf_from_star(star_df, D, final_apix)
+    elif suffix == ".cs" and cs["ctf"] is not None:
+        ctf_array = _ctf_at_box(cs["ctf"], D)
+
+    return ParticleMetadata(images=images, rot=rot, trans_px=trans_px, ctf=ctf_array,
+                            apix=float(final_apix), D=int(D), source=str(path))
