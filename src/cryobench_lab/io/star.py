@@ -332,11 +332,11 @@ def write_star(path: str | os.PathLike, df_particles: pd.DataFrame, optics: pd.D
 def write_particle_star(
     path: str | os.PathLike,
     image_names: list[str],
-    rot=None,
-    trans_px=None,
-    ctf=None,
-    apix: float = 0.0,
-    D: int = 0,
+    rot,
+    trans_px,
+    ctf,
+    apix: float,
+    D: int,
     labels=None,
 ) -> None:
     """Write a RELION 3.1 particle STAR file from arrays, atomically.
@@ -344,7 +344,8 @@ def write_particle_star(
     ``image_names`` are ``index@path`` strings (1-based index); ``rot`` (N, 3, 3) pose matrices → Euler
     angles (degrees); ``trans_px`` (N, 2) px → ``rlnOriginX/YAngst`` (× apix); ``ctf`` (N, 9) cryoDRGN
     layout (its D and apix columns must match ``D`` and ``apix``); ``labels`` (N,) 0-based →
-    ``rlnClassNumber`` (1-based). Voltage, Cs and amplitude contrast go to the optics table.
+    ``rlnClassNumber`` (1-based). ``rot``, ``trans_px``, ``ctf`` may be None to leave those columns out.
+    Voltage, Cs and amplitude contrast go to the optics table.
     """
     df = pd.DataFrame({"rlnImageName": list(image_names)})
     n = len(df)
