@@ -25,7 +25,8 @@ def check_overrides(argv: list[str]) -> None:
     """
     if any(a.startswith("-") for a in argv):
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    # output_dir interpolates Hydra's runtime config, which exists only inside a Hydra run
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra", "output_dir"))] + ["output_dir=."]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
