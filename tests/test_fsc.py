@@ -22,7 +22,9 @@ def _loop_reference(v1, v2):
     for i in range(1, D // 2):
         sel = (r >= i - 1) & (r < i)
         a, b = F1[sel], F2[sel]
-        curve.append(float(np.real(np.sum(a * np.conj(b))) / np.sqrt(np.sum(np.abs(a) ** 2) * np.sum(np.abs(b) ** 2))))
+        curve.append(
+            float(np.real(np.sum(a * np.conj(b))) / np.sqrt(np.sum(np.abs(a) ** 2) * np.sum(np.abs(b) ** 2)))
+        )
     return np.arange(D // 2) / D, np.array(curve)
 
 
@@ -33,7 +35,9 @@ def _smooth_volume(D, seed):
     vol = np.zeros((D, D, D))
     for _ in range(12):
         c = rng.uniform(-D / 5, D / 5, 3)
-        vol += rng.uniform(0.5, 1.5) * np.exp(-((xx - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * 2.0**2))
+        vol += rng.uniform(0.5, 1.5) * np.exp(
+            -((xx - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * 2.0**2)
+        )
     return vol + 0.05 * rng.standard_normal((D, D, D))  # broadband, so every shell has signal
 
 

@@ -28,7 +28,9 @@ def _hand_ctf(kx, ky, dfu, dfv, ang_deg, kv, cs_mm, w, phase_deg=0.0, bfactor=No
     s2 = kx * kx + ky * ky
     alpha = math.atan2(ky, kx)
     df = 0.5 * (dfu + dfv) + 0.5 * (dfu - dfv) * math.cos(2 * (alpha - math.radians(ang_deg)))
-    gamma = 2 * math.pi * (-0.5 * df * lam * s2 + 0.25 * cs_mm * 1e7 * lam**3 * s2**2) - math.radians(phase_deg)
+    gamma = 2 * math.pi * (-0.5 * df * lam * s2 + 0.25 * cs_mm * 1e7 * lam**3 * s2**2) - math.radians(
+        phase_deg
+    )
     ctf = math.sqrt(1 - w * w) * math.sin(gamma) - w * math.cos(gamma)
     if bfactor is not None:
         ctf *= math.exp(-bfactor / 4 * s2)
@@ -43,11 +45,26 @@ def test_wavelength_textbook_values():
 def test_ctf_matches_hand_computed_points():
     # Astigmatic, 300 kV, three frequencies in different directions; one with phase plate and B-factor.
     cases = [
-        ((0.10, 0.05), dict(dfu=15000.0, dfv=14000.0, ang_deg=30.0, kv=300.0, cs_mm=2.7, w=0.1)),
-        ((-0.07, 0.12), dict(dfu=21000.0, dfv=18500.0, ang_deg=-45.0, kv=200.0, cs_mm=2.0, w=0.07)),
+        (
+            (0.10, 0.05),
+            {"dfu": 15000.0, "dfv": 14000.0, "ang_deg": 30.0, "kv": 300.0, "cs_mm": 2.7, "w": 0.1},
+        ),
+        (
+            (-0.07, 0.12),
+            {"dfu": 21000.0, "dfv": 18500.0, "ang_deg": -45.0, "kv": 200.0, "cs_mm": 2.0, "w": 0.07},
+        ),
         (
             (0.20, -0.15),
-            dict(dfu=9000.0, dfv=8000.0, ang_deg=80.0, kv=300.0, cs_mm=2.7, w=0.1, phase_deg=90.0, bfactor=50.0),
+            {
+                "dfu": 9000.0,
+                "dfv": 8000.0,
+                "ang_deg": 80.0,
+                "kv": 300.0,
+                "cs_mm": 2.7,
+                "w": 0.1,
+                "phase_deg": 90.0,
+                "bfactor": 50.0,
+            },
         ),
     ]
     for (kx, ky), p in cases:
@@ -82,7 +99,15 @@ def test_ctf_closed_forms_dc_and_first_zero_along_each_axis():
     u_dir = (math.cos(a), math.sin(a))
     v_dir = (-math.sin(a), math.cos(a))
     freqs = torch.tensor(
-        [[[[s_u * u_dir[0], s_u * u_dir[1]], [s_v * v_dir[0], s_v * v_dir[1]], [s_u * v_dir[0], s_u * v_dir[1]]]]],
+        [
+            [
+                [
+                    [s_u * u_dir[0], s_u * u_dir[1]],
+                    [s_v * v_dir[0], s_v * v_dir[1]],
+                    [s_u * v_dir[0], s_u * v_dir[1]],
+                ]
+            ]
+        ],
         dtype=torch.float64,
     )
     c = compute_ctf(freqs, dfu, dfv, ang, 300.0, 0.0, 0.0)[0, 0]
@@ -107,7 +132,10 @@ def test_per_image_parameters_broadcast_to_b_h_w():
 def test_ctf_image_uses_cryodrgn_layout_and_checks_box_size():
     D = 12
     params = torch.tensor(
-        [[D, 2.0, 15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 0.0], [D, 1.5, 9000.0, 9500.0, 0.0, 200.0, 2.0, 0.07, 45.0]],
+        [
+            [D, 2.0, 15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 0.0],
+            [D, 1.5, 9000.0, 9500.0, 0.0, 200.0, 2.0, 0.07, 45.0],
+        ],
         dtype=torch.float64,
     )
     img = ctf_image(params, D)
@@ -135,7 +163,9 @@ def test_real_cryodrgn_ctf_pickle_is_accepted():
     path = SHARED / "cryoem" / "real_particles" / "metadata_only" / "ctf1.pkl"
     with open(path, "rb") as f:
         params = torch.from_numpy(np.asarray(pickle.load(f), dtype=np.float64))  # trusted (N, 9) array
-    assert params.shape == (5, 9) and params[0, 0].item() == 300 and params[0, 1].item() == pytest.approx(1.035)
+    assert (
+        params.shape == (5, 9) and params[0, 0].item() == 300 and params[0, 1].item() == pytest.approx(1.035)
+    )
     small = rescale_ctf_params(params, 100)
     img = ctf_image(small, 100)
     assert img.shape == (5, 100, 100) and torch.isfinite(img).all()

@@ -8,7 +8,7 @@ import roma
 import torch
 from scipy import integrate
 
-import cryobench_lab.physics.gaussians as gaussians
+from cryobench_lab.physics import gaussians
 from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
 from cryobench_lab.physics.slicing import project_volume
 
@@ -17,7 +17,9 @@ I3 = torch.eye(3, dtype=torch.float64)[None]
 
 def _analytic_projection(x, y, mu, sigma, amp):
     """Line integral along z of A·exp(−|r−μ|²/2σ²) at (x, y) Å (domain.md §1)."""
-    return amp * math.sqrt(2 * math.pi) * sigma * np.exp(-((x - mu[0]) ** 2 + (y - mu[1]) ** 2) / (2 * sigma**2))
+    return (
+        amp * math.sqrt(2 * math.pi) * sigma * np.exp(-((x - mu[0]) ** 2 + (y - mu[1]) ** 2) / (2 * sigma**2))
+    )
 
 
 def _pixel_centres(D, apix):
@@ -27,7 +29,9 @@ def _pixel_centres(D, apix):
 def test_fine_pixels_match_the_analytic_projection():
     D, apix, sigma, amp = 256, 0.05, 2.0, 1.7
     mu = torch.tensor([[0.4, -0.9, 1.5]], dtype=torch.float64)
-    img = project_gaussians(mu, torch.tensor([sigma], dtype=torch.float64), torch.tensor([amp]).double(), I3, D, apix)
+    img = project_gaussians(
+        mu, torch.tensor([sigma], dtype=torch.float64), torch.tensor([amp]).double(), I3, D, apix
+    )
     c = _pixel_centres(D, apix)
     yy, xx = np.meshgrid(c, c, indexing="ij")
     expected = _analytic_projection(xx, yy, mu[0].numpy(), sigma, amp)
@@ -119,8 +123,14 @@ def test_voxelisation_projects_onto_project_gaussians_and_integrates_exactly():
     Z, Y, X = np.meshgrid(zs, ys, xs, indexing="ij")
     dens = sum(
         amp[n].item()
-        * np.exp(-((X - centers[n, 0].item()) ** 2 + (Y - centers[n, 1].item()) ** 2 + (Z - centers[n, 2].item()) ** 2)
-                 / (2 * sig[n].item() ** 2))
+        * np.exp(
+            -(
+                (X - centers[n, 0].item()) ** 2
+                + (Y - centers[n, 1].item()) ** 2
+                + (Z - centers[n, 2].item()) ** 2
+            )
+            / (2 * sig[n].item() ** 2)
+        )
         for n in range(N)
     )
     assert vol[iz, iy, ix].item() == pytest.approx(dens.mean(), rel=1e-3)
@@ -151,5 +161,8 @@ def test_project_gaussians_is_differentiable():
     amp = torch.tensor([0.7, 1.2], dtype=torch.float64, requires_grad=True)
     rv = torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_()
     t = torch.randn(2, 2, generator=g, dtype=torch.float64).requires_grad_()
-    fn = lambda c, s, a, v, tt: project_gaussians(c, s, a, roma.rotvec_to_rotmat(v), 6, 1.0, shifts=tt)  # noqa: E731
+
+    def fn(c, s, a, v, tt):
+        return project_gaussians(c, s, a, roma.rotvec_to_rotmat(v), 6, 1.0, shifts=tt)
+
     assert torch.autograd.gradcheck(fn, (centers, sig, amp, rv, t))

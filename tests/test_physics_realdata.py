@@ -36,14 +36,16 @@ pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="shared test data no
 class _ArraysOnly(pickle.Unpickler):
     """Restricted unpickler: numpy arrays (and the builtins they need), nothing else."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
@@ -162,7 +164,9 @@ def test_hand_pickle_shifts_recentre_with_plus_t(hand):
     slope = (c0 * t_px).sum() / (t_px * t_px).sum()
     plus = _centroids(shift_images(imgs, t_px)).norm(dim=-1).mean().item()
     minus = _centroids(shift_images(imgs, -t_px)).norm(dim=-1).mean().item()
-    print(f"hand: centroid ≈ {slope:.2f}·t; mean |centroid| raw {c0.norm(dim=-1).mean():.2f}, "
-          f"+t {plus:.2f}, −t {minus:.2f} px")
+    print(
+        f"hand: centroid ≈ {slope:.2f}·t; mean |centroid| raw {c0.norm(dim=-1).mean():.2f}, "
+        f"+t {plus:.2f}, −t {minus:.2f} px"
+    )
     assert slope < -0.5  # observed = shift(projection, −t)
     assert plus < 0.5 * c0.norm(dim=-1).mean().item() and minus > 2 * plus

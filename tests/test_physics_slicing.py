@@ -7,7 +7,7 @@ import roma
 import torch
 
 from cryobench_lab.metrics.fsc import fsc
-from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft3_center
+from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
 from cryobench_lab.physics.shift import shift_images
 from cryobench_lab.physics.slicing import (
@@ -20,8 +20,10 @@ from cryobench_lab.physics.slicing import (
 
 
 def _crandn(*shape, g):
-    return torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64),
-                         torch.randn(*shape, generator=g, dtype=torch.float64))
+    return torch.complex(
+        torch.randn(*shape, generator=g, dtype=torch.float64),
+        torch.randn(*shape, generator=g, dtype=torch.float64),
+    )
 
 
 def test_slice_coordinates_are_row_vector_times_R():
@@ -115,7 +117,7 @@ def test_backprojecting_analytic_projections_reconstructs_the_volume():
     F = torch.where(den > 1e-3, num / den.clamp_min(1e-3), torch.zeros_like(num))
     rec = ifft3_center(F).real[D // 2 : D // 2 + D, D // 2 : D // 2 + D, D // 2 : D // 2 + D] / apix
     truth = voxelize_gaussians(centers, sig, amp, D, apix)
-    freq, curve = fsc(truth, rec)
+    _, curve = fsc(truth, rec)
     assert curve[: int(0.8 * len(curve))].min() > 0.95
     corr = np.corrcoef(truth.numpy().ravel(), rec.numpy().ravel())[0, 1]
     assert corr > 0.98
@@ -125,7 +127,9 @@ def test_project_volume_shifts_follow_plus_t():
     torch.manual_seed(6)
     D, apix = 24, 2.0
     centers = torch.tensor([[4.0, -6.0, 2.0], [-5.0, 3.0, -4.0]], dtype=torch.float64)
-    vol = voxelize_gaussians(centers, torch.tensor([3.0, 4.0]).double(), torch.tensor([1.0, 0.5]).double(), D, apix)
+    vol = voxelize_gaussians(
+        centers, torch.tensor([3.0, 4.0]).double(), torch.tensor([1.0, 0.5]).double(), D, apix
+    )
     rot = roma.random_rotmat(2, dtype=torch.float64)
     t = torch.tensor([[1.5, -2.25], [3.0, 1.0]], dtype=torch.float64)
     shifted = project_volume(vol, rot, shifts=t, apix=apix)
@@ -133,8 +137,9 @@ def test_project_volume_shifts_follow_plus_t():
     expected = shift_images(project_volume(vol, rot, apix=apix), t)
     torch.testing.assert_close(shifted, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
     # and the content moves to (R μ)_xy + t: compare with the analytic renderer (Å = px · apix)
-    direct = project_gaussians(centers, torch.tensor([3.0, 4.0]).double(), torch.tensor([1.0, 0.5]).double(),
-                               rot, D, apix, shifts=t)
+    direct = project_gaussians(
+        centers, torch.tensor([3.0, 4.0]).double(), torch.tensor([1.0, 0.5]).double(), rot, D, apix, shifts=t
+    )
     assert ((shifted - direct).norm() / direct.norm()).item() < 0.03
 
 
@@ -145,15 +150,16 @@ def test_extract_is_differentiable_in_volume_and_rotation():
     assert torch.autograd.gradcheck(lambda f, v: extract_slices(f, roma.rotvec_to_rotmat(v), 4), (F, rv))
 
 
-def test_backprojection_of_3000_images_at_64px_takes_seconds():
+def test_backprojection_at_64px_is_fast():
+    # 1000 of the 3000-image oracle workload keeps the test short; it scales linearly in images
+    # (3000 images at pad 2: ~5 s on 2 idle CPU cores, ~10–25 s when other jobs share them).
     torch.manual_seed(8)
-    D, B = 64, 3000
+    D, B = 64, 1000
     rot = roma.random_rotmat(B)
     X = torch.randn(B, D, D, dtype=torch.complex64)
     w = torch.rand(B, D, D)
     t0 = time.perf_counter()
     num, den = insert_slices(X, rot, weights=w, vol_box=2 * D)
     elapsed = time.perf_counter() - t0
-    assert num.shape == (2 * D,) * 3 and den.dtype == torch.float32
-    # ~5 s on 2 idle CPU cores; the bound only catches order-of-magnitude regressions on a busy machine
-    assert elapsed < 45.0, f"insert_slices took {elapsed:.1f} s"
+    assert num.shape == (2 * D,) * 3 and num.dtype == torch.complex64 and den.dtype == torch.float32
+    assert elapsed < 20.0, f"insert_slices took {elapsed:.1f} s for {B} images"  # catches O(B·D³) regressions

@@ -38,7 +38,9 @@ def fsc(vol1, vol2, mask=None) -> tuple[np.ndarray, np.ndarray]:
     if mask is not None:
         m = _as_numpy(mask)
         if m.shape != v1.shape:
-            raise InputError(f"fsc: mask has shape {m.shape}, volumes {v1.shape}; use a mask of the volumes' box")
+            raise InputError(
+                f"fsc: mask has shape {m.shape}, volumes {v1.shape}; use a mask of the volumes' box"
+            )
         v1, v2 = v1 * m, v2 * m
     D = v1.shape[0]
     F1 = np.fft.fftshift(np.fft.fftn(np.fft.fftshift(v1)))

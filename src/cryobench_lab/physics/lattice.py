@@ -52,9 +52,7 @@ def spherical_mask(D: int, radius: float | None = None, device=None) -> torch.Te
     return freq_grid_3d(D, device, torch.float64).square().sum(-1) <= radius**2
 
 
-def soft_window(
-    D: int, in_rad: float = 0.85, out_rad: float = 0.99, device=None, dtype=None
-) -> torch.Tensor:
+def soft_window(D: int, in_rad: float = 0.85, out_rad: float = 0.99, device=None, dtype=None) -> torch.Tensor:
     """Real-space taper applied to images before an FFT → ``(D, D)`` in [0, 1].
 
     With ``r = |(x, y)| / (D / 2)`` (so the inscribed circle has r = 1): 1 for ``r <= in_rad``, a raised

@@ -112,7 +112,7 @@ def insert_slices(
     box, else ``D``; use ``pad · D`` for an oversampled volume). Returns ``(out_num, out_den)``; a Wiener
     reconstruction is ``out_num / (out_den + 1/SNR)``.
     """
-    B, D = F_imgs.shape[0], F_imgs.shape[-1]
+    D = F_imgs.shape[-1]
     given = out_num if out_num is not None else out_den
     Dv = vol_box if vol_box is not None else (given.shape[-1] if given is not None else D)
     real_dtype = F_imgs.real.dtype
