@@ -28,6 +28,7 @@ from cryobench_lab.data.simulate import (
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.pickles import load_ctf, load_poses
 from cryobench_lab.io.star import ctf_from_star, poses_from_star, read_star
+from cryobench_lab.io.structures import read_structure
 from cryobench_lab.physics.ctf import ctf_image
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
 from cryobench_lab.physics.gaussians import project_gaussians
@@ -110,6 +111,12 @@ def test_layout_and_meta(datasets, two_states):
             vol, vapix = np.array(m.data), float(m.voxel_size.x)
         assert vapix == pytest.approx(meta["apix"], abs=1e-4) and vol.min() >= 0
         assert vol.sum() * vapix**3 == pytest.approx(state.atomic_numbers.sum(), rel=1e-3)
+        # the atoms are written in the volume frame and read back by io.structures unchanged
+        written = read_structure(noisy / meta["states"][k]["structure"], keep_ligands=True)
+        origin = np.asarray(meta["states"][k]["origin_A"])
+        np.testing.assert_allclose(written.atom_coords, state.coords - origin, atol=2e-3)
+        np.testing.assert_array_equal(written.atom_numbers, state.atomic_numbers)
+    assert meta["structure"] == str(noisy / "gt_structures" / "state_000.pdb")
 
 
 def test_measured_snr_matches_request(datasets):
@@ -355,3 +362,13 @@ def test_custom_structures_and_cli(tmp_path, capsys):
     assert main(["--structures", str(tmp_path / "missing.pdb"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "missing.pdb" in err
+
+
+def test_structure_round_trip_keeps_insertion_codes(tmp_path):
+    """7CTH's scFv uses Kabat numbering (52A, 82A-C, …): residues must not merge when written back."""
+    state = read_states(STRUCTURES_DIR / "mmcif_7cth.cif.gz")[0]
+    assert (state.insertion_codes != " ").sum() > 0
+    path = sim.write_state_structure(tmp_path, "x", state, np.zeros(3))
+    back = read_structure(path, keep_ligands=True)
+    assert back.n_atoms == len(state.coords) == 16647
+    np.testing.assert_allclose(back.atom_coords, state.coords, atol=2e-3)

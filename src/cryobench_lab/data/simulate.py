@@ -106,7 +106,8 @@ class State:
     ``frame`` name share one origin (conformations of one complex: the motion stays visible); a state
     with ``frame=None`` is centred on its own centre of mass (distinct complexes). ``source`` says where
     the atoms came from (for meta.json). The optional per-atom ``atom_names``, ``residue_names``,
-    ``residue_numbers`` and ``chain_ids`` are kept so the state can be written back as a PDB file.
+    ``residue_numbers``, ``insertion_codes`` and ``chain_ids`` are kept so the state can be written back
+    as a structure file (:func:`write_state_structure`).
     """
 
     name: str
@@ -117,6 +118,7 @@ class State:
     atom_names: np.ndarray | None = None
     residue_names: np.ndarray | None = None
     residue_numbers: np.ndarray | None = None
+    insertion_codes: np.ndarray | None = None
     chain_ids: np.ndarray | None = None
 
     def __post_init__(self):
@@ -152,7 +154,15 @@ class State:
         )
 
 
-_PER_ATOM = ("coords", "atomic_numbers", "atom_names", "residue_names", "residue_numbers", "chain_ids")
+_PER_ATOM = (
+    "coords",
+    "atomic_numbers",
+    "atom_names",
+    "residue_names",
+    "residue_numbers",
+    "insertion_codes",
+    "chain_ids",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,6 +191,10 @@ def read_states(
         atom_names=st.atom_names,
         residue_names=st.atom_residue_names,
         residue_numbers=st.atom_residue_numbers,
+        # antibody-style numbering (52, 52A, …) needs the insertion codes to keep residues apart
+        insertion_codes=np.array(
+            [res.seqid.icode for ch in st.gemmi_structure[0] for res in ch for _ in res]
+        ),
         chain_ids=st.atom_chain_ids,
     )
     if not all_models:
@@ -206,33 +220,55 @@ def _file_stem(path: Path) -> str:
     return name
 
 
-def write_state_pdb(path: str | os.PathLike, state: State, origin: np.ndarray) -> None:
-    """Write ``state`` as a PDB file with coordinates relative to ``origin (3,)`` Å, i.e. in the frame of
-    the simulated volumes (box centre = 0)."""
+def write_state_structure(folder: str | os.PathLike, stem: str, state: State, origin: np.ndarray) -> Path:
+    """Write ``state`` with coordinates relative to ``origin (3,)`` Å, i.e. in the frame of the simulated
+    volumes (box centre = 0), as ``folder/stem.pdb`` (``.cif`` when chain names or the atom count do not
+    fit the PDB format). Returns the path.
+
+    States built without residue information get one residue ``UNK`` per atom in chain A.
+    """
+    n = len(state.coords)
     xyz = state.coords - origin
-    n = len(xyz)
-    names = (
-        state.atom_names
-        if state.atom_names is not None
-        else np.array([gemmi.Element(int(z)).name for z in state.atomic_numbers])
-    )
-    resn = state.residue_names if state.residue_names is not None else np.full(n, "UNK")
-    resi = state.residue_numbers if state.residue_numbers is not None else np.arange(1, n + 1)
-    chains = state.chain_ids if state.chain_ids is not None else np.full(n, "A")
-    lines = [
-        (f"REMARK   1 cryobench_lab simulator state '{state.name}' from {state.source}; origin = box centre")
-    ]
+
+    def column(values, default):
+        return values if values is not None else default
+
+    names = column(state.atom_names, np.array([gemmi.Element(int(z)).name for z in state.atomic_numbers]))
+    res_names = column(state.residue_names, np.full(n, "UNK"))
+    res_nums = column(state.residue_numbers, np.arange(1, n + 1))
+    icodes = column(state.insertion_codes, np.full(n, " "))
+    chains = column(state.chain_ids, np.full(n, "A"))
+    model = gemmi.Model("1")
+    chain = residue = None
     for i in range(n):
-        el = gemmi.Element(int(state.atomic_numbers[i])).name.upper()
-        nm = str(names[i])[:4]
-        nm = f" {nm:<3s}" if len(nm) < 4 and len(el) == 1 else f"{nm:<4s}"
-        lines.append(
-            f"ATOM  {(i + 1) % 100000:5d} {nm} {str(resn[i])[:3]:>3s} {str(chains[i])[:1] or 'A':1s}"
-            f"{int(resi[i]) % 10000:4d}    {xyz[i, 0]:8.3f}{xyz[i, 1]:8.3f}{xyz[i, 2]:8.3f}  1.00  0.00"
-            f"          {el:>2s}"
-        )
-    lines.append("END")
-    Path(path).write_text("\n".join(lines) + "\n")
+        if chain is None or chains[i] != chain.name:
+            if chain is not None:
+                chain.add_residue(residue)
+                model.add_chain(chain)
+            chain, residue = gemmi.Chain(str(chains[i])), None
+        key = (str(res_names[i]), int(res_nums[i]), str(icodes[i]))
+        if residue is None or (residue.name, residue.seqid.num, residue.seqid.icode) != key:
+            if residue is not None:
+                chain.add_residue(residue)
+            residue = gemmi.Residue()
+            residue.name, residue.seqid = key[0], gemmi.SeqId(key[1], key[2])
+        atom = gemmi.Atom()
+        atom.name, atom.element = str(names[i]), gemmi.Element(int(state.atomic_numbers[i]))
+        atom.pos, atom.occ = gemmi.Position(*xyz[i]), 1.0
+        residue.add_atom(atom)
+    chain.add_residue(residue)
+    model.add_chain(chain)
+    st = gemmi.Structure()
+    st.name = state.name
+    st.add_model(model)
+    st.setup_entities()
+    if n < 100_000 and all(len(c.name) == 1 for c in st[0]):
+        path = Path(folder) / f"{stem}.pdb"
+        st.write_pdb(str(path))
+    else:
+        path = Path(folder) / f"{stem}.cif"
+        st.make_mmcif_document().write_file(str(path))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,11 +511,14 @@ def simulate_dataset(
             stack.voxel_size = apix
             data = stack.data  # (N, D, D) float32 memory map
             total, total_sq = 0.0, 0.0
+            structures = []  # file names in gt_structures/
             for k, state in enumerate(states):
                 bar.set_postfix_str(f"state {k + 1}/{len(states)}: volume")
                 vol = render_volume(state, origins[k], D, apix, sigma)  # (D, D, D)
                 write_mrc(tmp / "gt_volumes" / f"state_{k:03d}.mrc", vol.numpy(), apix)
-                write_state_pdb(tmp / "gt_structures" / f"state_{k:03d}.pdb", state, origins[k])
+                structures.append(
+                    write_state_structure(tmp / "gt_structures", f"state_{k:03d}", state, origins[k]).name
+                )
                 spectrum = slice_spectrum(vol)
                 bar.update(1)
                 bar.set_postfix_str(f"state {k + 1}/{len(states)}: images")
@@ -577,12 +616,12 @@ def simulate_dataset(
                     "origin_A": origins[k].round(4).tolist(),
                     "radius_A": float(np.linalg.norm(s.coords - origins[k], axis=1).max()),
                     "volume": f"gt_volumes/state_{k:03d}.mrc",
-                    "structure": f"gt_structures/state_{k:03d}.pdb",
+                    "structure": f"gt_structures/{structures[k]}",
                 }
                 for k, s in enumerate(states)
             ],
             "state_names": names,
-            "structure": str(out_dir / "gt_structures" / "state_000.pdb"),
+            "structure": str(out_dir / "gt_structures" / structures[0]),
             "files": {
                 "particles": "particles.mrcs",
                 "star": "particles.star",
