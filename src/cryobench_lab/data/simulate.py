@@ -448,7 +448,7 @@ def simulate_dataset(
     Writes ``particles.mrcs``, ``particles.star`` (RELION 3.1, ``rlnClassNumber = label + 1``),
     ``poses.pkl``, ``ctf.pkl`` (cryoDRGN), ``labels.npy`` (int64, 0-based state index),
     ``gt_volumes/state_XXX.mrc`` (positive density, e/Å³, no CTF), ``gt_structures/state_XXX.pdb`` (the
-    atoms in the volume frame) and ``meta.json``. Everything is written into a hidden sibling folder
+    atoms in the volume frame; ``.cif`` if they do not fit the PDB format) and ``meta.json``. Everything is written into a hidden sibling folder
     that is renamed to ``out_dir`` at the end, so an interrupted run leaves no dataset behind.
     """
     t_start = time.time()
@@ -532,7 +532,7 @@ def simulate_dataset(
                     total_sq += float(img64.square().sum())
                     data[b] = img.numpy()
                     bar.update(1)
-                del spectrum
+                del spectrum  # up to (2D)³ complex: free it before the next state's
             n_pix = N * D * D
             signal_var = total_sq / n_pix - (total / n_pix) ** 2
             noise_sigma = math.sqrt(signal_var / snr) if snr else 0.0
