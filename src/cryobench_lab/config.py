@@ -82,8 +82,11 @@ class LoggerConfig:
 class MetricsConfig:
     """What the shared scorer computes after training."""
 
-    fsc_mask: str = "none"  # none | sphere
+    fsc_mask: str = "none"  # none | sphere | gt (thresholded, dilated, soft-edged ground truth)
+    per_image_n: int = 100  # images scored by the per-image FSC protocol; 0 skips it
+    eval_every: int = 0  # also score every n epochs during training; 0: only at the end
     save_volumes: bool = True
+    figures: bool = True
 
 
 @dataclass

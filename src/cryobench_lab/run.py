@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cryobench_lab.callbacks.evaluation import EvaluationCallback
+from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 
@@ -109,7 +109,11 @@ def run(cfg: DictConfig) -> dict:
             _remove_failed_run(out_dir)
         raise
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    evaluation = EvaluationCallback(datamodule, str(out_dir), cfg.metrics.fsc_mask, cfg.metrics.save_volumes)
+    m = cfg.metrics
+    evaluation = EvaluationCallback(
+        datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures),
+        eval_every=m.eval_every, header={"dataset": cfg.data.name, "seed": cfg.seed},
+    )
     trainer = L.Trainer(
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
@@ -130,6 +134,6 @@ def _remove_failed_run(out_dir: Path) -> None:
 
 
 def _print_summary(metrics: dict, out_dir: Path) -> None:
-    keys = [k for k in ("val/fsc_auc", "val/fsc_auc_std", "val/fsc_res_0.5", "val/fsc_res_0.143") if k in metrics]
+    keys = [k for k in ("val/fsc_auc_mean", "val/fsc_auc_std", "val/fsc_res_0.5", "val/ari") if k in metrics]
     summary = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys)
     print(f"[cryobench_lab] {metrics.get('method')}: {summary}\n[cryobench_lab] outputs in {out_dir}", file=sys.stderr)

@@ -1,12 +1,17 @@
-"""Score a trained model with the shared protocol and write the results where users and loggers find them.
+"""Score a model with the shared protocols and deliver the results to files and loggers.
 
-Writes into the run folder:
-- ``metrics.json``: every scalar under the same keys for every method (``val/fsc_auc``, ...), plus
-  per-state curves;
-- ``volumes/state_XXX.mrc``: the decoded volume that represents each ground-truth state (voxel size set);
-  ``volumes/class_XXX.mrc`` when the data has no ground truth;
-- ``figures/fsc.png``: the per-state FSC curves.
-Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics``; model code never touches a logger.
+:func:`score_model` is the one scorer: the evaluation callback calls it after training (and every
+``metrics.eval_every`` epochs), and ``python -m cryobench_lab.eval`` calls it on a finished run. It writes
+into the run folder:
+
+- ``metrics.json``: every number under ``split/key`` (keys in metrics/protocols.py, identical for every
+  method), plus per-state and per-image details;
+- ``volumes/state_XXX.mrc``: the decoded volume representing each ground-truth state, or
+  ``volumes/class_XXX.mrc`` per class when the data has no ground truth (voxel size set);
+- ``figures/*.png``: FSC curves, latent embedding, confusion matrix, class sizes, volume montage.
+
+Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics`` and figures through W&B's
+``log_image``; model code never touches a logger.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -22,11 +28,17 @@ import numpy as np
 import torch
 
 from cryobench_lab.io.mrc import write_mrc
-from cryobench_lab.metrics.conformations import representatives
-from cryobench_lab.metrics.fsc import fsc_summary
+from cryobench_lab.metrics.classes import classification_metrics
+from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
+from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
+from cryobench_lab.metrics.protocols import per_conformation_fsc, per_image_fsc
+from cryobench_lab import plots
+
+MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves a truncated file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
@@ -34,96 +46,146 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fsc_figure(path: Path, curves: list[dict], apix: float) -> None:
-    import matplotlib
+@dataclass
+class ScoreOptions:
+    fsc_mask: str = "none"  # none | sphere | gt (threshold + dilate + soft edge of each ground-truth volume)
+    per_image_n: int = 100  # images for the per-image FSC; 0 skips it
+    save_volumes: bool = True
+    figures: bool = True
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for c in curves:
-        ax.plot(np.asarray(c["freq"]) / apix, c["curve"], lw=1, label=f"state {c['state']}")
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.axhline(0.143, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.1, 1.05)
-    if len(curves) <= 12:
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+def _masks(option: str, gt: torch.Tensor):
+    if option == "none":
+        return None
+    if option == "sphere":
+        return soft_sphere_mask(gt.shape[-1])
+    if option == "gt":
+        return torch.stack([volume_mask(v) for v in gt])
+    raise ValueError(f"metrics.fsc_mask must be none, sphere or gt, got {option!r}")
+
+
+@torch.no_grad()
+def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: str = "val") -> tuple[dict, dict]:
+    """Evaluate ``model`` on every particle of ``datamodule``; returns (metrics, figure paths).
+
+    Metrics are keyed ``f"{split}/{key}"``; non-scalar details (``per_state``, ``confusion`` ...) too.
+    """
+    info = datamodule.info
+    out_dir = Path(out_dir)
+    was_training = model.training
+    model.eval()
+    emb = model.embed_all(datamodule.all_dataloader())
+    order = torch.argsort(emb["index"])
+    latent = emb["latent"][order] if emb["latent"] is not None else None
+    probs = emb["class_probs"][order] if emb["class_probs"] is not None else None
+    device = model.device
+
+    def decode(z, classes):
+        z = z.to(device) if z is not None else None
+        return model.decode(z, classes.to(device)).float().cpu()
+
+    result: dict = {}
+    figures: dict = {}
+    fig_dir = out_dir / "figures"
+    vol_dir = out_dir / "volumes"
+    labels = torch.as_tensor(info.labels) if info.labels is not None else None
+    if labels is not None and info.gt_volumes is not None:
+        mask = _masks(options.fsc_mask, info.gt_volumes)
+        state_volumes: dict[int, torch.Tensor] = {}
+
+        def keep(state: int, vol: torch.Tensor) -> None:
+            state_volumes[state] = vol
+            if options.save_volumes:
+                write_mrc(vol_dir / f"state_{state:03d}.mrc", vol.numpy(), apix=info.apix)
+
+        conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep)
+        result.update(conf)
+        if options.per_image_n > 0:
+            result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask))
+        if options.figures:
+            figures["fsc"] = plots.plot_fsc_curves(fig_dir / "fsc.png", conf["per_state"], info.apix)
+            shown = sorted(state_volumes)[:: max(1, len(state_volumes) // MONTAGE_MAX)][:MONTAGE_MAX]
+            figures["volumes"] = plots.plot_volume_montage(
+                fig_dir / "volumes.png", torch.stack([state_volumes[s] for s in shown]),
+                [f"state {s}" for s in shown], apix=info.apix,
+            )
+    elif options.save_volumes:
+        n_classes = probs.shape[1] if probs is not None else 1
+        for k in range(n_classes):
+            vol = decode(None, torch.tensor([k]))[0]
+            write_mrc(vol_dir / f"class_{k:03d}.mrc", vol.numpy(), apix=info.apix)
+    if probs is not None:
+        n_classes = probs.shape[1]
+        assigned = probs.argmax(1)
+        if labels is not None:
+            cls = classification_metrics(assigned, labels, n_classes=n_classes)
+            result.update(cls)
+            if options.figures:
+                figures["confusion"] = plots.plot_confusion(fig_dir / "confusion.png", cls["confusion"])
+        else:
+            sizes = torch.bincount(assigned, minlength=n_classes)
+            result.update(class_sizes=sizes.tolist(), n_empty_classes=int((sizes == 0).sum()))
+        if options.figures:
+            figures["class_sizes"] = plots.plot_class_sizes(fig_dir / "class_sizes.png", result["class_sizes"], result.get("confusion"))
+    if latent is not None and options.figures:
+        z = assigned_latent(latent, probs)
+        if z.shape[1] >= 2:
+            embedding, explained = pca_embedding(z, 2)
+            axis_labels = [f"PC{i + 1} ({100 * float(e):.0f}% var.)" for i, e in enumerate(explained)]
+        else:
+            embedding, axis_labels = z, ["latent z"]
+        figures["latent"] = plots.plot_latent(fig_dir / "latent_pca.png", embedding, labels, axis_labels=axis_labels)
+    if was_training:
+        model.train()
+    return {f"{split}/{k}": v for k, v in result.items()}, figures
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The float/int entries of a metrics dict (what loggers receive)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class EvaluationCallback(L.Callback):
-    """Runs the per-conformation FSC protocol after ``fit`` and writes metrics, volumes and figures."""
+    """Runs :func:`score_model` after ``fit`` (and every ``eval_every`` epochs) and delivers the results."""
 
-    def __init__(self, datamodule, out_dir: str, fsc_mask: str = "none", save_volumes: bool = True):
+    def __init__(self, datamodule, out_dir: str, options: ScoreOptions, eval_every: int = 0, header: dict | None = None):
         self.datamodule = datamodule
         self.out_dir = Path(out_dir)
-        self.fsc_mask = fsc_mask
-        self.save_volumes = save_volumes
-        self.t_start = None
+        self.options = options
+        self.eval_every = eval_every
+        self.header = header or {}
+        self.t_start = 0.0
         self.metrics: dict = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t_start = time.perf_counter()
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.eval_every and epoch % self.eval_every == 0 and epoch < trainer.max_epochs:
+            options = ScoreOptions(self.options.fsc_mask, per_image_n=0, save_volumes=False, figures=False)
+            metrics, _ = score_model(pl_module, self.datamodule, self.out_dir, options)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalar_metrics(metrics), step=trainer.global_step)
+
     def on_fit_end(self, trainer, pl_module) -> None:
         wall = time.perf_counter() - self.t_start
         info = self.datamodule.info
-        pl_module.eval()
-        emb = pl_module.embed_all(self.datamodule.all_dataloader())
-        metrics: dict = {
+        metrics, figures = score_model(pl_module, self.datamodule, self.out_dir, self.options)
+        epochs = max(trainer.current_epoch, 1)
+        self.metrics = {
+            **self.header,
             "method": pl_module.method_name,
-            "dataset": info.source,
             "n_particles": info.n_particles,
             "box_size": info.box_size,
             "apix": info.apix,
             "train/wall_time_s": wall,
-            "train/images_per_s": info.n_particles * trainer.current_epoch / wall if wall > 0 else 0.0,
+            "train/images_per_s": info.n_particles * epochs / wall if wall > 0 else 0.0,
+            "train/epochs": epochs,
+            **metrics,
         }
-        vol_dir = self.out_dir / "volumes"
-        if info.labels is not None and info.gt_volumes is not None:
-            labels = torch.as_tensor(info.labels)[emb["index"]]
-            reps = representatives(labels, emb["latent"], emb["class_probs"])
-            curves = []
-            mask = self._mask(info.box_size)
-            for rep in reps:
-                latent = rep["latent"][None] if rep["latent"] is not None else None
-                vol = pl_module.decode(latent, torch.tensor([rep["class"]]))[0].detach().cpu()
-                gt = info.gt_volumes[rep["state"]]
-                summary = fsc_summary(vol, gt, apix=info.apix, mask=mask)
-                curves.append({"state": rep["state"], **summary})
-                if self.save_volumes:
-                    write_mrc(vol_dir / f"state_{rep['state']:03d}.mrc", vol.numpy(), apix=info.apix)
-            aucs = np.array([c["auc"] for c in curves])
-            metrics.update({
-                "val/fsc_auc": float(aucs.mean()),
-                "val/fsc_auc_std": float(aucs.std()),
-                "val/fsc_auc_median": float(np.median(aucs)),
-                "val/fsc_res_0.5": float(np.mean([c["res_0.5"] for c in curves])),
-                "val/fsc_res_0.143": float(np.mean([c["res_0.143"] for c in curves])),
-                "per_state": curves,
-            })
-            _fsc_figure(self.out_dir / "figures" / "fsc.png", curves, info.apix)
-        elif self.save_volumes:
-            n_classes = emb["class_probs"].shape[1] if emb["class_probs"] is not None else 1
-            for k in range(n_classes):
-                vol = pl_module.decode(None, torch.tensor([k]))[0].detach().cpu()
-                write_mrc(vol_dir / f"class_{k:03d}.mrc", vol.numpy(), apix=info.apix)
-        self.metrics = metrics
-        write_json_atomic(self.out_dir / "metrics.json", metrics)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+        write_json_atomic(self.out_dir / "metrics.json", self.metrics)
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
-
-    def _mask(self, D: int):
-        if self.fsc_mask == "none":
-            return None
-        if self.fsc_mask == "sphere":
-            from cryobench_lab.physics.lattice import spherical_mask
-
-            return spherical_mask(D, D // 2).float()
-        raise ValueError(f"metrics.fsc_mask must be 'none' or 'sphere', got {self.fsc_mask!r}")
+            logger.log_metrics(scalar_metrics(self.metrics), step=trainer.global_step)
+            if hasattr(logger, "log_image") and figures:
+                logger.log_image(key="figures", images=[str(p) for p in figures.values()], caption=list(figures))
