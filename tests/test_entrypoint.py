@@ -92,3 +92,17 @@ def test_truncated_stack_leaves_no_run_folder(tiny_dataset, tmp_path):
     line = _one_line_error(_run(args, tmp_path))
     assert "particles.mrcs" in line
     assert not out.exists()
+
+
+def test_eval_rescores_identically(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["model=backproject", *_custom(tiny_dataset), f"hydra.run.dir={out}"], tmp_path).returncode == 0
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "cryobench_lab.eval", f"run_dir={out}"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = json.loads((out / "metrics.json").read_text())
+    again = json.loads((out / "eval" / "metrics.json").read_text())
+    for key in ("val/fsc_auc_mean", "val/fsc_res_0.5", "val/fsc_image_auc_mean", "val/ari"):
+        assert again[key] == first[key], key
+    bad = subprocess.run([sys.executable, "-m", "cryobench_lab.eval", f"run_dir={tmp_path / 'nope'}"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -36,6 +36,17 @@ def _check_model_keys(model_cfg: DictConfig) -> None:
         )
 
 
+def build_model(cfg: DictConfig, info):
+    """Instantiate ``cfg.model`` for a dataset (its keys are checked first)."""
+    _check_model_keys(cfg.model)
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    target = kwargs.pop("_target_")
+    try:
+        return hydra.utils.get_class(target)(info=info, **kwargs)
+    except ValueError as err:  # a model that cannot run on these data says why
+        raise InputError(f"model={cfg.model.name}: {err}") from None
+
+
 def _check_writable(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     probe = out_dir / ".write_test"
@@ -99,11 +110,7 @@ def run(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = ParticleDataModule(cfg.data, seed=cfg.seed)
         datamodule.setup()
-        model_kwargs = {k: v for k, v in cfg.model.items() if k != "_target_"}
-        try:
-            model = hydra.utils.get_class(cfg.model._target_)(info=datamodule.info, **model_kwargs)
-        except ValueError as err:  # a model that cannot run on these data says why
-            raise InputError(f"model={cfg.model.name}: {err}") from None
+        model = build_model(cfg, datamodule.info)
     except InputError:
         if created:  # no partial run folder for a run that never started
             _remove_failed_run(out_dir)

@@ -1,0 +1,73 @@
+"""Re-score a finished run: ``python -m cryobench_lab.eval run_dir=<run folder> [ckpt=...] [out=...] [key=value ...]``.
+
+Loads the run's resolved ``config.yaml`` and checkpoint (default ``checkpoints/last.ckpt``), rebuilds its
+dataset and model, and runs the same scorer as training (callbacks/evaluation.py). Results go to
+``<run_dir>/eval/`` unless ``out=`` says otherwise. Further ``key=value`` pairs override the stored config,
+for example ``data.particles=other.star data.labels=... data.gt_volumes=...`` to score against another
+dataset with the same ground-truth states, or ``metrics.fsc_mask=gt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from cryobench_lab.callbacks.evaluation import ScoreOptions, score_model, write_json_atomic
+from cryobench_lab.cli import fail
+from cryobench_lab.config import TrainConfig
+from cryobench_lab.data.particles import ParticleDataModule
+from cryobench_lab.errors import InputError
+from cryobench_lab.run import build_model
+
+
+def evaluate_run(run_dir: Path, ckpt: Path | None = None, out: Path | None = None, overrides: list[str] = ()) -> dict:
+    """Score the checkpoint of ``run_dir``; returns the metrics written to ``<out>/metrics.json``."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise InputError(f"{run_dir}: no config.yaml; pass run_dir= a folder written by python -m cryobench_lab")
+    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise InputError(f"{ckpt}: checkpoint not found; pass ckpt=<path to a .ckpt>")
+    stored = OmegaConf.load(config_path)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:
+        raise InputError(f"eval: {' '.join(str(err).split())}") from None
+    datamodule = ParticleDataModule(cfg.data, seed=cfg.seed)
+    datamodule.setup()
+    model = build_model(cfg, datamodule.info)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"{ckpt}: does not fit model={cfg.model.name} on this dataset ({str(err).splitlines()[0]})") from None
+    out = out or run_dir / "eval"
+    m = cfg.metrics
+    metrics, _ = score_model(model, datamodule, out, ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures))
+    payload = {"method": cfg.model.name, "dataset": cfg.data.name, "checkpoint": str(ckpt), **metrics}
+    write_json_atomic(out / "metrics.json", payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    if "run_dir" not in args:
+        fail("usage: python -m cryobench_lab.eval run_dir=<run folder> [ckpt=<file.ckpt>] [out=<folder>] [key=value ...]")
+    special = {"run_dir", "ckpt", "out"}
+    overrides = [f"{k}={v}" for k, v in args.items() if k not in special]
+    try:
+        metrics = evaluate_run(
+            Path(args["run_dir"]), Path(args["ckpt"]) if "ckpt" in args else None,
+            Path(args["out"]) if "out" in args else None, overrides,
+        )
+    except InputError as err:
+        fail(str(err))
+    keys = [k for k in ("val/fsc_auc_mean", "val/fsc_res_0.5", "val/ari") if k in metrics]
+    print("  ".join(f"{k}={metrics[k]:.4g}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
