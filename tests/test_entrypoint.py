@@ -56,6 +56,11 @@ def test_backproject_oracle_end_to_end(tiny_dataset, tmp_path):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
     assert metrics["val/ari"] == pytest.approx(1.0)  # the oracle assigns by label
     assert 0 < metrics["val/fsc_image_auc_mean"] <= 0.5
+    from cryobench_lab.metrics.protocols import METRIC_KEYS
+
+    reported = {k.split("/", 1)[1] for k in metrics if k.startswith("val/")}
+    assert reported - {"per_state", "per_image", "confusion"} <= set(METRIC_KEYS)
+    assert (out / "csv" / "metrics.csv").read_text().count("val/fsc_auc_mean") == 1
     assert (out / "config.yaml").exists()
 
 
@@ -106,3 +111,11 @@ def test_eval_rescores_identically(tiny_dataset, tmp_path):
         assert again[key] == first[key], key
     bad = subprocess.run([sys.executable, "-m", "cryobench_lab.eval", f"run_dir={tmp_path / 'nope'}"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_metric_keys_documented_in_readme():
+    from cryobench_lab.metrics.protocols import METRIC_KEYS
+
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in METRIC_KEYS if f"`{k}`" not in readme and f"{k}`" not in readme]
+    assert not missing, missing

@@ -70,9 +70,9 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking: ``wandb`` (offline unless logged in or ``WANDB_MODE`` is set), ``csv`` or ``none``."""
+    """Experiment tracking backends: ``wandb`` (offline unless logged in or ``WANDB_MODE`` is set) and ``csv``."""
 
-    kind: str = "wandb"
+    backends: List[str] = field(default_factory=lambda: ["wandb", "csv"])
     project: str = "cryobench_lab"
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)

@@ -70,26 +70,25 @@ def wandb_mode() -> str:
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
-    kind = cfg.logger.kind
-    if kind == "none":
-        return []
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+    loggers = []
+    for backend in cfg.logger.backends:
+        if backend == "csv":
+            from lightning.pytorch.loggers import CSVLogger
 
-        return [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
+            loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+        elif backend == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return [
-            WandbLogger(
+            os.environ.setdefault("WANDB_SILENT", "true")
+            loggers.append(WandbLogger(
                 project=cfg.logger.project, group=cfg.logger.group, tags=list(cfg.logger.tags),
                 save_dir=str(out_dir), mode=wandb_mode(),
                 name=f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}",
                 config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        ]
-    raise InputError(f"logger.kind={kind!r} is unknown; use logger=wandb, logger=csv or logger=none")
+            ))
+        else:
+            raise InputError(f"logger.backends: {backend!r} is unknown; use wandb and/or csv (logger=wandb|csv|none)")
+    return loggers
 
 
 def _trainer_kwargs(cfg: DictConfig, default_epochs: int) -> dict:
