@@ -78,15 +78,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ours, ours_wall = run_oracle(preset, Path(tmp) / "oracle")
             peer, peer_wall = run_cryodrgn(args.cryodrgn, folder, labels, Path(tmp))
-        for mine, theirs in zip(ours["per_state"], peer):
+        for mine, theirs in zip(ours["val/per_state"], peer):
             print(f"| {preset} | {mine['state']} | {mine['auc']:.4f} | {theirs['auc']:.4f} | "
                   f"{mine['res_0.5']:.1f} | {theirs['res_0.5']:.1f} |")
-        ours_auc = [r["auc"] for r in ours["per_state"]]
+        ours_auc = [r["auc"] for r in ours["val/per_state"]]
         peer_auc = [r["auc"] for r in peer]
         print(f"| {preset} | mean | {np.mean(ours_auc):.4f} | {np.mean(peer_auc):.4f} | | |")
         results[preset] = {
             "dataset": str(folder), "oracle_auc": ours_auc, "cryodrgn_auc": peer_auc,
-            "oracle_res_0.5": [r["res_0.5"] for r in ours["per_state"]],
+            "oracle_res_0.5": [r["res_0.5"] for r in ours["val/per_state"]],
             "cryodrgn_res_0.5": [r["res_0.5"] for r in peer],
             "oracle_wall_s": ours_wall, "cryodrgn_wall_s": peer_wall,
         }
