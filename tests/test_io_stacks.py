@@ -101,16 +101,16 @@ def test_reads_are_grouped_into_runs(tmp_path, monkeypatch):
         src.read([6])
 
 
-def test_lru_of_open_maps_and_pickling(tmp_path):
+def test_lru_of_open_files_and_pickling(tmp_path):
     paths, data = _stacks(tmp_path, [2, 2, 2])
     src = ImageSource([p for p in paths for _ in range(2)], [0, 1] * 3, max_open=1)
     for i in range(6):
         np.testing.assert_array_equal(src.read([i])[0], data[i // 2][i % 2])
-        assert sum(s._mrc is not None for s in src._stacks) == 1  # only one file mapped at a time
+        assert sum(s._fh is not None for s in src._stacks) == 1  # only one file open at a time
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone.read([5, 0]), np.stack([data[2][1], data[0][0]]))
     src.close()
-    assert all(s._mrc is None for s in src._stacks)
+    assert all(s._fh is None for s in src._stacks)
 
 
 def test_validation_errors_name_source_row_and_length(tmp_path):

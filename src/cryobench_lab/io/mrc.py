@@ -109,18 +109,20 @@ def _check_size(path: Path):
 
 
 class MRCStack:
-    """Lazy, memory-mapped reader of one MRC/MRCS image stack.
+    """Lazy reader of one MRC/MRCS image stack, by index, without loading or mapping the whole file.
 
-    The header is validated when the object is built (size vs header, square images); the data are
-    memory-mapped on the first ``read`` so a stack larger than RAM is never loaded whole. A 3D file is
-    read as ``N = nz`` images of ``ny x nx``; a 2D file is a stack of one. The object can be pickled (for
-    DataLoader workers): the memory map is dropped and reopened on demand.
+    The header is validated when the object is built (size vs header, square images). Images are read with
+    positioned file reads, one per run of consecutive indices, so the process holds only the images it
+    asked for: a memory map would keep every page it ever touched resident in this process, and a pass over
+    a stack larger than RAM would then grow the process to the stack's size. A 3D file is read as
+    ``N = nz`` images of ``ny x nx``; a 2D file is a stack of one. The object can be pickled (for
+    DataLoader workers): the file handle is dropped and reopened on demand.
 
     Attributes: ``n`` images, ``D`` box size (px), ``apix`` header pixel size (Å, 0.0 when unset).
     """
 
     def __init__(self, path: str | os.PathLike):
-        self._mrc = None
+        self._fh = None
         self.path = Path(path)
         header = _check_size(self.path)
         nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
@@ -129,51 +131,55 @@ class MRCStack:
                              "needs square images, re-extract them with a square box")
         self.n = nz
         self.D = nx
+        self._dtype = mrcfile.utils.data_dtype_from_header(header)  # includes the file's byte order
+        self._offset = _HEADER_BYTES + int(header.nsymbt)
         mx = int(header.mx)
         # Pixel size = cell length / sampling; mrcfile does the same, with 0 for an unset cell.
         apix = float(header.cella.x) / mx if mx > 0 else 0.0
         self.apix = apix if np.isfinite(apix) and apix > 0 else 0.0
 
-    def _data(self) -> np.ndarray:
-        """The memory-mapped data as ``(n, D, D)``, opened on first use."""
-        if self._mrc is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mrc = mrcfile.mmap(self.path, mode="r", permissive=True)
-            if mrc.data is None:
-                mrc.close()
-                raise InputError(f"{self.path}: MRC data could not be memory-mapped; check the file is "
-                                 "complete and float32/int16/uint16/int8/float16")
-            self._mrc = mrc
-        data = self._mrc.data
-        return data[None] if data.ndim == 2 else data  # (n, D, D)
+    def _read_run(self, start: int, count: int) -> np.ndarray:
+        """``count`` consecutive images from ``start`` as float32 ``(count, D, D)``."""
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        pixels = self.D * self.D
+        self._fh.seek(self._offset + start * pixels * self._dtype.itemsize)
+        data = np.fromfile(self._fh, dtype=self._dtype, count=count * pixels)
+        if data.size != count * pixels:
+            raise InputError(f"{self.path}: file ended while reading images {start}..{start + count - 1}; "
+                             "it was truncated after it was opened, re-copy it")
+        return data.reshape(count, self.D, self.D).astype(np.float32, copy=False)
 
     def read(self, indices) -> np.ndarray:
         """Images at ``indices`` (0-based; an int, a slice, or an int array) as a ``(n, D, D)`` float32 copy.
 
-        A slice of consecutive indices is one contiguous read of the file.
+        Each run of consecutive indices is one contiguous read of the file.
         """
-        data = self._data()
         if isinstance(indices, slice):
-            return np.array(data[indices], dtype=np.float32)  # (n, D, D)
-        idx = np.atleast_1d(np.asarray(indices))
+            indices = np.arange(*indices.indices(self.n))
+        idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"{self.path}: image index out of range 0..{self.n - 1}: "
                              f"{int(idx.min())}..{int(idx.max())}")
-        return np.array(data[idx], dtype=np.float32)  # (n, D, D)
+        out = np.empty((idx.size, self.D, self.D), dtype=np.float32)  # (n, D, D)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run_start, run in zip(np.concatenate([[0], breaks]), np.split(idx, breaks)):
+            if run.size:
+                out[run_start : run_start + run.size] = self._read_run(int(run[0]), run.size)
+        return out
 
     def close(self) -> None:
-        """Release the memory map (it is reopened by the next ``read``)."""
-        if self._mrc is not None:
-            self._mrc.close()
-            self._mrc = None
+        """Close the file (it is reopened by the next ``read``)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __len__(self) -> int:
         return self.n
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_mrc"] = None  # memory maps cannot be pickled; reopen in the receiving process
+        state["_fh"] = None  # file handles cannot be pickled; reopen in the receiving process
         return state
 
     def __del__(self):

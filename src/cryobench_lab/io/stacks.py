@@ -1,7 +1,7 @@
 """``ImageSource``: the one lazy particle-image reader the DataModule uses.
 
 An image source is a list of (stack file, 0-based index) pairs, one per particle, in particle order. Every
-file and index is validated when the source is built; image data are read on demand from memory-mapped
+file and index is validated when the source is built; image data are read on demand from positioned reads of the
 files, so a dataset larger than RAM is never loaded whole.
 """
 
@@ -29,7 +29,7 @@ class ImageSource:
         paths: stack file of each particle (length N).
         indices: 0-based image index of each particle within its stack (length N).
         source: the metadata file the pairs came from, named in error messages.
-        max_open: at most this many stacks stay memory-mapped at once (least recently used are closed),
+        max_open: at most this many stack files stay open at once (least recently used are closed),
             so datasets split over thousands of per-micrograph stacks do not exhaust file handles.
 
     Attributes: ``n`` particles, ``D`` box size (px), ``apix`` pixel size from the first stack's header
@@ -74,7 +74,7 @@ class ImageSource:
         self.n = len(indices)
         self.D = self._stacks[0].D
         self.apix = self._stacks[0].apix  # the first particle's stack (ids follow first appearance)
-        self._open: OrderedDict[int, None] = OrderedDict()  # file ids with a live memory map, LRU order
+        self._open: OrderedDict[int, None] = OrderedDict()  # file ids with an open handle, LRU order
 
     def __len__(self) -> int:
         return self.n
@@ -115,7 +115,7 @@ class ImageSource:
         return out
 
     def close(self) -> None:
-        """Release every memory map (they reopen on the next ``read``)."""
+        """Close every stack file (they reopen on the next ``read``)."""
         for file_id in self._open:
             self._stacks[file_id].close()
         self._open.clear()
