@@ -21,8 +21,8 @@ help:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	@if [ -n "$(TORCH)" ]; then $(BIN)/pip install $(TORCH); fi
-	$(BIN)/pip install -e ".[dev]"
+	@if [ -n "$(TORCH)" ]; then $(BIN)/pip install -q $(TORCH); fi
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
