@@ -1,0 +1,124 @@
+"""Coarse-grained atomic models for deformation methods: one Gaussian per residue, and how residues move.
+
+A base structure becomes one isotropic Gaussian per polymer residue at its representative atom (Cα, C1′
+for nucleotides), σ = 2 Å by default, amplitude = the residue's electron count (sum of heavy-atom atomic
+numbers, :func:`cryobench_lab.io.structures.read_structure`).
+
+Placement: coordinates are stored relative to ``origin`` (the electron-weighted centre of the base
+structure), so rotations turn the structure about its own centre; rendering adds ``offset`` back. With
+``center=True`` the offset is zero (the structure sits at the box centre, for a file in an arbitrary
+frame); with ``center=False`` the offset is ``origin`` itself, i.e. the file's coordinates are taken as Å
+relative to the box centre — which is how the simulator writes ``gt_structures/`` (and how a structure
+fitted into a consensus map and re-expressed about the box centre looks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryobench_lab.errors import InputError
+from cryobench_lab.io.structures import Structure, read_structure
+from cryobench_lab.physics.rotations import quaternion_to_matrix
+
+
+@dataclass
+class ResidueGaussians:
+    """Residue-level Gaussians of a base structure (numpy, float32).
+
+    ``coords (n_res, 3)`` Å relative to ``origin``; ``amplitudes (n_res,)`` electrons; ``offset (3,)`` Å
+    added when rendering (box frame); ``chain_ids (n_res,)``; ``structure`` the parsed file (for writing
+    deformed models).
+    """
+
+    coords: np.ndarray
+    amplitudes: np.ndarray
+    origin: np.ndarray
+    offset: np.ndarray
+    chain_ids: np.ndarray
+    structure: Structure
+
+    @property
+    def n_residues(self) -> int:
+        return len(self.coords)
+
+
+def residue_gaussians(path: str | os.PathLike, center: bool = False) -> ResidueGaussians:
+    """Read ``path`` (PDB/mmCIF) as one Gaussian per residue; see the module docstring for ``center``."""
+    st = read_structure(path)
+    if st.n_residues < 2:
+        raise InputError(f"{path}: {st.n_residues} residue(s) with a CA or C1' atom; the segment VAE needs a polymer model")
+    amps = st.residue_electrons.astype(np.float32)
+    origin = (st.residue_coords * amps[:, None]).sum(0) / amps.sum()
+    coords = (st.residue_coords - origin).astype(np.float32)
+    offset = np.zeros(3, np.float32) if center else origin.astype(np.float32)
+    return ResidueGaussians(coords, amps, origin.astype(np.float32), offset, st.residue_chain_ids, st)
+
+
+def quaternion_vector_to_matrix(v: torch.Tensor) -> torch.Tensor:
+    """Rotations from quaternion vector parts ``v (..., 3)`` with real part 1 (normalised) → ``(..., 3, 3)``.
+
+    ``v = 0`` is the identity; any ``v`` is a valid rotation, so a network can output it unconstrained.
+    """
+    q = torch.cat([torch.ones_like(v[..., :1]), v], dim=-1)  # (..., 4) as (w, x, y, z)
+    return quaternion_to_matrix(q)
+
+
+def move_by_segments(
+    coords: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor
+) -> torch.Tensor:
+    """Residues moved by their segments' rigid transforms blended by the segmentation weights.
+
+    coords ``(n, 3)`` Å (relative to the rotation centre); weights ``(n, K)`` (rows sum to 1); rotations
+    ``(B, K, 3, 3)``; translations ``(B, K, 3)`` Å → ``(B, n, 3)`` with
+    ``x'_i = Σ_k w_ik (R_k x_i + t_k)``.
+    """
+    moved = torch.einsum("bkij,nj->bkni", rotations, coords) + translations[:, :, None, :]  # (B, K, n, 3)
+    return torch.einsum("nk,bkni->bni", weights, moved)
+
+
+def local_frames(coords: torch.Tensor, chain_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-residue local frames from the Cα trace → ``origins (n, 3)`` Å and ``axes (n, 3, 3)`` (columns).
+
+    Origin of residue i: the midpoint of its chain neighbours i−1 and i+1 (at a chain end, the one
+    neighbour and the residue itself); axis 1 along i−1 → i+1, axis 2 the component of (x_i − origin)
+    orthogonal to it, axis 3 their cross product. A residue's rotation about this frame swings it about
+    the line of its neighbours (the backbone's local bend), which is the only rotation a single isotropic
+    Gaussian can show.
+    """
+    n = coords.shape[0]
+    chain = np.zeros(n, np.int64) if chain_ids is None else np.unique(np.asarray(chain_ids), return_inverse=True)[1]
+    idx = np.arange(n)
+    prev = np.where((idx > 0) & (np.roll(chain, 1) == chain), idx - 1, idx)
+    nxt = np.where((idx < n - 1) & (np.roll(chain, -1) == chain), idx + 1, idx)
+    prev_t, nxt_t = torch.from_numpy(prev), torch.from_numpy(nxt)
+    a, b = coords[prev_t], coords[nxt_t]  # (n, 3)
+    origins = 0.5 * (a + b)
+    e1 = b - a
+    e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    u = coords - origins
+    u = u - (u * e1).sum(-1, keepdim=True) * e1
+    # a residue on the straight line of its neighbours: any perpendicular works
+    fallback = torch.cross(e1, torch.tensor([0.0, 0.0, 1.0]).expand_as(e1), dim=-1)
+    fallback = torch.where(fallback.norm(dim=-1, keepdim=True) < 1e-3, torch.cross(e1, torch.tensor([1.0, 0.0, 0.0]).expand_as(e1), dim=-1), fallback)
+    u = torch.where(u.norm(dim=-1, keepdim=True) < 1e-3, fallback, u)
+    e2 = u / u.norm(dim=-1, keepdim=True)
+    e3 = torch.cross(e1, e2, dim=-1)
+    return origins, torch.stack([e1, e2, e3], dim=-1)  # (n, 3), (n, 3, 3)
+
+
+def move_per_residue(
+    coords: torch.Tensor, origins: torch.Tensor, axes: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor
+) -> torch.Tensor:
+    """Residues moved one by one: a rotation about the residue's local frame, then a translation in it.
+
+    coords, origins ``(n, 3)`` Å; axes ``(n, 3, 3)`` (frame axes as columns); rotations ``(B, n, 3, 3)`` and
+    translations ``(B, n, 3)`` Å, both expressed in the local frame → ``(B, n, 3)``:
+    ``x'_i = o_i + F_i (R_i F_iᵀ (x_i − o_i) + t_i)``.
+    """
+    local = torch.einsum("nji,nj->ni", axes, coords - origins)  # (n, 3) Fᵀ(x − o)
+    moved = torch.einsum("bnij,nj->bni", rotations, local) + translations  # (B, n, 3) local frame
+    return origins + torch.einsum("nij,bnj->bni", axes, moved)

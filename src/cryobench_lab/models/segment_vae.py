@@ -1,0 +1,347 @@
+"""Segment VAE (cryoSPHERE, Ducrocq et al., ICLR 2025) and its two ablations, on one module.
+
+A base atomic model becomes one Gaussian per residue (components/atoms.py: Cα or C1′, σ = 2 Å, amplitude
+= the residue's electron count). An MLP encoder maps each re-centred image to a Gaussian posterior over
+z (d = 8); an MLP decoder maps z to rigid transforms, and the moved Gaussians are projected with the
+image's pose (pixel-integrated, ``physics.gaussians.project_gaussians``, shifted by −t), multiplied by its
+CTF in Fourier space and compared with the image.
+
+``mode`` chooses what the decoder moves:
+
+- ``learned`` (cryoSPHERE): K segments from a Gaussian mixture over the residue index with variational
+  posteriors (components/segmentation.py); per segment a rotation (quaternion vector part, real part 1)
+  about the base structure's centre and a translation (Å); residue i moves by ``Σ_k w_ik (R_k x_i + t_k)``.
+- ``fixed``: the same with contiguous equal residue blocks, not learned and without segmentation KL.
+- ``per_residue``: no segments; per residue a rotation about its local Cα–neighbour frame and a translation
+  (components/atoms.py :func:`move_per_residue`). This is cryoSTAR's per-residue deformation without its
+  elastic-network restraint; ``continuity_weight`` / ``clash_weight`` are the restraints available here.
+
+Loss per batch: ``−corr(pred, image)`` (Pearson over the pixels of each image, averaged) +
+``β_z(t)·KL(z)/D²`` + ``β_seg(t)·KL(seg)/D²`` + ``λ_cont·continuity`` + ``λ_clash·clash``.
+KL terms are divided by the pixel count so that the correlation acts as a per-pixel likelihood (for unit-
+norm images ``1 − corr = ‖a − b‖²/2``); the schedules ramp both β linearly from 0 to their value over
+the first ``kl_warmup`` of training. Continuity: mean squared change of consecutive (same-chain) Cα
+distances from the base's. Clash: mean over non-neighbour residue pairs of ``relu(c² − d²)²/c⁴`` with
+``c = clash_threshold`` — exactly 0 (finite, zero gradient) without clashes, and smooth at d = 0.
+
+Scale: images are normalised to unit std by the data module, and the Gaussians carry electrons. The
+correlation loss is invariant to a global scale, so no scale enters training; the least-squares scale
+``⟨pred, image⟩ / ⟨pred, pred⟩`` is tracked (running mean, buffer ``image_scale``) and logged, so that
+``image_scale · render(...)`` is on the data's scale. ``decode`` returns the voxelised Gaussians in their
+own units (electrons per Å³ of the residue Gaussians); FSC does not depend on that scale.
+
+Optimisation: Adam, ``lr`` for the encoder/decoder and ``seg_lr`` for the segmentation. The paper's
+values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; the CPU default
+(``segvae.yaml``) uses a larger network lr, measured to converge within minutes on adk (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import gemmi
+import numpy as np
+import torch
+from torch import nn
+
+from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.errors import InputError
+from cryobench_lab.models.base import ReconstructionModule
+from cryobench_lab.models.components.atoms import (
+    local_frames,
+    move_by_segments,
+    move_per_residue,
+    quaternion_vector_to_matrix,
+    residue_gaussians,
+)
+from cryobench_lab.models.components.encoders import MLPEncoder
+from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
+from cryobench_lab.physics.fft import fft2_center, ifft2_center
+from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
+from cryobench_lab.physics.shift import shift_images
+
+MODES = ("learned", "fixed", "per_residue")
+
+
+def _mlp(d_in: int, hidden: int, n_layers: int, d_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    out = nn.Linear(hidden, d_out)
+    # zero output layer: training starts from the undeformed base structure (identity transforms)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers, out)
+
+
+def image_correlation(pred: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over the pixels of each image pair, (B, D, D) × 2 → (B,)."""
+    p = pred.flatten(1) - pred.flatten(1).mean(1, keepdim=True)
+    o = obs.flatten(1) - obs.flatten(1).mean(1, keepdim=True)
+    return (p * o).sum(1) / (p.norm(dim=1) * o.norm(dim=1)).clamp(min=1e-12)
+
+
+class SegmentVAE(ReconstructionModule):
+    """cryoSPHERE segment VAE (``mode=learned``) and its ablations; see the module docstring."""
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        name: str = "segvae",
+        mode: str = "learned",
+        structure: Optional[str] = None,
+        center: bool = False,
+        n_segments: int = 20,
+        latent_dim: int = 8,
+        sigma: float = 2.0,
+        tau: float = 0.05,
+        encoder_hidden: int = 256,
+        encoder_layers: int = 3,
+        decoder_hidden: int = 256,
+        decoder_layers: int = 3,
+        lr: float = 3e-4,
+        seg_lr: float = 3e-4,
+        kl_weight: float = 1.0,
+        kl_seg_weight: float = 1.0,
+        kl_warmup: float = 0.2,
+        continuity_weight: float = 0.0,
+        clash_weight: float = 0.0,
+        clash_threshold: float = 4.0,
+        epochs: int = 30,
+        traversal_steps: int = 10,
+        seed: int = 0,
+    ):
+        super().__init__(info, name)
+        if mode not in MODES:
+            raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not info.has_poses:
+            raise ValueError("the segment VAE uses known poses: pass data.poses= or a star/cs file with angles")
+        path = structure or info.structure
+        if not path:
+            raise InputError("model.structure: no base atomic model; pass model.structure=<PDB/mmCIF> (presets set it)")
+        self.save_hyperparameters(ignore=["info"])
+        self.default_epochs = epochs
+        self.mode = mode
+        torch.manual_seed(seed)
+        self.base = residue_gaussians(path, center=center)
+        n = self.base.n_residues
+        self.register_buffer("coords0", torch.from_numpy(self.base.coords))  # (n, 3) Å about the centre
+        self.register_buffer("offset", torch.from_numpy(self.base.offset))  # (3,) Å box frame
+        self.register_buffer("amplitudes", torch.from_numpy(self.base.amplitudes))  # (n,)
+        self.register_buffer("sigmas", torch.full((n,), float(sigma)))
+        self.register_buffer("image_scale", torch.tensor(0.0))
+        chain = np.unique(self.base.chain_ids, return_inverse=True)[1].reshape(-1)
+        same_chain = torch.from_numpy(chain[1:] == chain[:-1])
+        self.register_buffer("bond_pairs", torch.nonzero(same_chain).squeeze(1))  # (n_bonds,) i of pairs (i, i+1)
+        d0 = (self.coords0[1:] - self.coords0[:-1]).norm(dim=-1)
+        self.register_buffer("bond_lengths", d0[self.bond_pairs])
+        idx = torch.arange(n)
+        neighbours = ((idx[:, None] - idx[None, :]).abs() <= 1) & torch.from_numpy(chain[:, None] == chain[None, :])
+        self.register_buffer("clash_pairs", torch.triu(~neighbours, diagonal=1))  # (n, n) bool
+        self.segmentation: Optional[nn.Module] = None
+        if mode == "per_residue":
+            origins, axes = local_frames(self.coords0, self.base.chain_ids)
+            self.register_buffer("frame_origins", origins)
+            self.register_buffer("frame_axes", axes)
+            n_transforms = n
+        else:
+            if not 1 <= n_segments <= n:
+                raise ValueError(f"model.n_segments must be in [1, {n}] (residues), got {n_segments}")
+            self.segmentation = (GMMSegmentation(n, n_segments, tau) if mode == "learned" else FixedSegmentation(n, n_segments))
+            n_transforms = n_segments
+        self.n_transforms = n_transforms
+        self.encoder = MLPEncoder(self.D, 2 * latent_dim, encoder_hidden, encoder_layers)
+        self.decoder = _mlp(latent_dim, decoder_hidden, decoder_layers, 6 * n_transforms)
+
+    # ---- model -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = [{"params": list(self.encoder.parameters()) + list(self.decoder.parameters()), "lr": self.hparams.lr}]
+        seg = [p for p in (self.segmentation.parameters() if self.segmentation is not None else []) if p.requires_grad]
+        if seg:
+            groups.append({"params": seg, "lr": self.hparams.seg_lr})
+        return torch.optim.Adam(groups)
+
+    def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder on the re-centred images → posterior mean and log-variance, (B, d) each."""
+        centred = shift_images(batch["images"], batch["trans"]) if "trans" in batch else batch["images"]
+        out = self.encoder(centred)
+        d = self.hparams.latent_dim
+        return out[:, :d], out[:, d:].clamp(-10.0, 10.0)
+
+    def transforms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder: z (B, d) → rotations (B, T, 3, 3) and translations (B, T, 3) Å, T segments or residues."""
+        out = self.decoder(z).reshape(z.shape[0], self.n_transforms, 6)
+        return quaternion_vector_to_matrix(out[..., :3]), out[..., 3:]
+
+    def deform(self, z: torch.Tensor, sample_segmentation: bool = False) -> torch.Tensor:
+        """Residue coordinates for latents z (B, d) → (B, n_res, 3) Å about the base's centre."""
+        rot, trans = self.transforms(z)
+        if self.mode == "per_residue":
+            return move_per_residue(self.coords0, self.frame_origins, self.frame_axes, rot, trans)
+        weights = self.segmentation(sample_segmentation)  # (n, K)
+        return move_by_segments(self.coords0, weights, rot, trans)
+
+    def render(self, coords: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Images of residue coordinates (B, n, 3) Å (about the centre) in each image's pose, shift and CTF
+        → (B, D, D) in the Gaussians' units (amplitude·Å)."""
+        centres = coords + self.offset
+        shifts = -batch["trans"] if "trans" in batch else None
+        img = project_gaussians(centres, self.sigmas, self.amplitudes, batch["rot"], self.D, self.apix, shifts)
+        ctf = self.ctf(batch)
+        if ctf is None:
+            return img
+        return ifft2_center(fft2_center(img) * ctf).real
+
+    def _progress(self, batch_idx: int) -> float:
+        if self._trainer is None:
+            return 1.0
+        n_batches = max(int(self.trainer.num_training_batches), 1)
+        return (self.current_epoch + batch_idx / n_batches) / max(self.trainer.max_epochs, 1)
+
+    def continuity(self, coords: torch.Tensor) -> torch.Tensor:
+        """Mean squared change (Å²) of consecutive same-chain Cα distances from the base's, coords (B, n, 3)."""
+        i = self.bond_pairs
+        d = (coords[:, i + 1] - coords[:, i]).norm(dim=-1)  # (B, n_bonds)
+        return ((d - self.bond_lengths) ** 2).mean()
+
+    def clash(self, coords: torch.Tensor) -> torch.Tensor:
+        """Mean of ``relu(c² − d²)² / c⁴`` over non-neighbour pairs; 0 when no pair is closer than c."""
+        c2 = self.hparams.clash_threshold**2
+        d2 = ((coords[:, :, None, :] - coords[:, None, :, :]) ** 2).sum(-1)  # (B, n, n)
+        pen = torch.relu(c2 - d2[:, self.clash_pairs]) ** 2 / c2**2  # (B, n_pairs)
+        return pen.mean()
+
+    def losses(self, batch: dict, progress: float = 1.0) -> dict:
+        mu, logvar = self.posterior(batch)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        coords = self.deform(z, sample_segmentation=self.training)
+        pred = self.render(coords, batch)
+        corr = image_correlation(pred, batch["images"])
+        ramp = min(1.0, progress / self.hparams.kl_warmup) if self.hparams.kl_warmup > 0 else 1.0
+        n_pix = self.D * self.D
+        kl_z = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)).mean()
+        kl_seg = self.segmentation.kl() if self.segmentation is not None else corr.new_zeros(())
+        loss = -corr.mean() + ramp * (self.hparams.kl_weight * kl_z + self.hparams.kl_seg_weight * kl_seg) / n_pix
+        out = {"corr": corr.mean(), "kl_z": kl_z, "kl_seg": kl_seg}
+        if self.hparams.continuity_weight > 0:
+            out["continuity"] = self.continuity(coords)
+            loss = loss + self.hparams.continuity_weight * out["continuity"]
+        if self.hparams.clash_weight > 0:
+            out["clash"] = self.clash(coords)
+            loss = loss + self.hparams.clash_weight * out["clash"]
+        with torch.no_grad():  # least-squares scale of the rendering onto the (unit-std) images
+            scale = (pred * batch["images"]).sum() / (pred * pred).sum().clamp(min=1e-30)
+            self.image_scale.copy_(scale if self.image_scale == 0 else 0.9 * self.image_scale + 0.1 * scale)
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.losses(batch, self._progress(batch_idx))
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, on_step=True, on_epoch=False,
+                      batch_size=batch["images"].shape[0])
+        self.log("train/image_scale", self.image_scale, on_step=True, on_epoch=False)
+        return out["loss"]
+
+    # ---- evaluation contract -----------------------------------------------------------------------------
+    def embed(self, batch: dict) -> dict:
+        mu, _ = self.posterior(batch)
+        return {"latent": mu, "class_probs": None}
+
+    @torch.no_grad()
+    def structure(self, latent: torch.Tensor) -> torch.Tensor:
+        """Residue (Cα/C1′) coordinates for latents (M, d) → (M, n_res, 3) Å in the box frame (box centre 0),
+        residues in the base file's order."""
+        out = [self.deform(z.to(self.coords0.device)) + self.offset for z in latent.split(256)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latent: Optional[torch.Tensor], classes: Optional[torch.Tensor]) -> torch.Tensor:
+        if latent is None:
+            latent = torch.zeros(1 if classes is None else len(classes), self.hparams.latent_dim)
+        coords = self.structure(latent)  # (M, n, 3)
+        return torch.stack([voxelize_gaussians(c, self.sigmas, self.amplitudes, self.D, self.apix) for c in coords])
+
+    def segment_labels(self) -> np.ndarray:
+        """Segment of each residue (posterior means), (n_res,) int64; per_residue: the residue's own row."""
+        if self.segmentation is None:
+            return np.arange(self.base.n_residues)
+        with torch.no_grad():
+            return self.segmentation.labels().cpu().numpy()
+
+    # ---- outputs ---------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "all_dataloader"):
+            self.write_outputs(Path(self.trainer.default_root_dir) / "structures", datamodule)
+
+    @torch.no_grad()
+    def write_outputs(self, out_dir: Path, datamodule, n_images: int = 10) -> dict:
+        """Multi-model Cα traces (segment in the B-factor column): ``images.pdb`` for the first ``n_images``
+        particles, ``traversal.pdb`` along the first principal axis of the latents, ``segmentation.pdb``
+        (the base); ``z.npy`` latents. Returns what it wrote."""
+        was_training = self.training
+        self.eval()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        emb = self.embed_all(datamodule.all_dataloader())
+        z = emb["latent"][torch.argsort(emb["index"])]  # (N, d) in particle order
+        np.save(out_dir / "z.npy", z.numpy())
+        labels = self.segment_labels().astype(float)
+        write_trace_models(out_dir / "segmentation.pdb", self.base.structure, (self.coords0 + self.offset)[None].cpu().numpy(), labels)
+        write_trace_models(out_dir / "images.pdb", self.base.structure, self.structure(z[:n_images]).cpu().numpy(), labels)
+        zc = z - z.mean(0)
+        axis = torch.linalg.svd(zc, full_matrices=False).Vh[0]  # (d,)
+        scores = zc @ axis
+        lo, hi = torch.quantile(scores, torch.tensor([0.05, 0.95]))
+        steps = torch.linspace(float(lo), float(hi), max(2, self.hparams.traversal_steps))
+        traversal = z.mean(0) + steps[:, None] * axis
+        write_trace_models(out_dir / "traversal.pdb", self.base.structure, self.structure(traversal).cpu().numpy(), labels)
+        if was_training:
+            self.train()
+        return {"dir": str(out_dir), "files": ["segmentation.pdb", "images.pdb", "traversal.pdb", "z.npy"]}
+
+
+def write_trace_models(path: Path, structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
+    """Cα/C1′ traces of ``structure`` as a multi-model PDB (ChimeraX plays it with ``coordset``).
+
+    coords (M, n_res, 3) Å; bfactors (n_res,) written into every model's B-factor column (e.g. segment).
+    """
+    st = _trace_structure(structure)
+    out = gemmi.Structure()
+    out.cell, out.spacegroup_hm = st.cell, st.spacegroup_hm
+    for m, xyz in enumerate(coords):
+        model = st[0].clone()
+        model.num = m + 1
+        r = 0
+        for chain in model:
+            for res in chain:
+                for atom in res:
+                    atom.pos = gemmi.Position(*map(float, xyz[r]))
+                    atom.b_iso = float(bfactors[r])
+                    r += 1
+        out.add_model(model)
+    out.setup_entities()
+    out.write_pdb(str(path))
+
+
+def _trace_structure(structure) -> gemmi.Structure:
+    """A copy of ``structure``'s gemmi model holding only the representative atom of each residue."""
+    st = structure.gemmi_structure.clone()
+    keep = set(structure.residue_atom_index.tolist())
+    row = 0
+    for chain in st[0]:
+        for res in chain:
+            size = len(res)
+            for k in reversed(range(size)):
+                if row + k not in keep:
+                    del res[k]
+            row += size
+    for i in reversed(range(len(st[0]))):
+        chain = st[0][i]
+        for j in reversed(range(len(chain))):
+            if len(chain[j]) == 0:
+                del chain[j]
+        if len(chain) == 0:
+            del st[0][i]
+    return st

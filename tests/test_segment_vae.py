@@ -1,0 +1,177 @@
+"""Segment VAE (cryoSPHERE) and its ablations: rendering, transforms, segmentation, training, configs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cryobench_lab.config import register_configs
+from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.models.components.atoms import (
+    local_frames,
+    move_by_segments,
+    move_per_residue,
+    quaternion_vector_to_matrix,
+    residue_gaussians,
+)
+from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation, block_labels
+from cryobench_lab.models.segment_vae import SegmentVAE, write_trace_models
+from cryobench_lab.physics.ctf import ctf_from_params
+from cryobench_lab.physics.fft import fft2_center, ifft2_center
+from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
+from cryobench_lab.physics.lattice import freq_grid_2d
+from cryobench_lab.physics.rotations import random_rotations
+from cryobench_lab.run import build_model
+
+ADK = Path(__file__).resolve().parents[1] / "src" / "cryobench_lab" / "structures" / "adk" / "adk_closed.pdb.gz"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+D, APIX = 32, 2.5
+
+
+def _info(n: int = 64) -> DatasetInfo:
+    return DatasetInfo(n_particles=n, box_size=D, apix=APIX, has_poses=True, labels=np.arange(n) % 2, structure=str(ADK))
+
+
+def _ctf_params(B: int) -> torch.Tensor:
+    row = torch.tensor([D, APIX, 15000.0, 14500.0, 30.0, 300.0, 2.7, 0.1, 0.0])
+    return row.expand(B, 9).clone()
+
+
+def _two_conformation_batch(model: SegmentVAE, B: int = 64, seed: int = 0) -> dict:
+    """Noisy CTF images of the base and of the base with its last third moved 6 Å along x, unit std."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.coords0.shape[0]
+    moved = model.coords0.clone()
+    moved[2 * n // 3 :, 0] += 6.0
+    labels = torch.arange(B) % 2
+    coords = torch.where(labels[:, None, None] == 1, moved, model.coords0) + model.offset  # (B, n, 3)
+    rot = random_rotations(B, generator=g)
+    trans = (torch.rand(B, 2, generator=g) - 0.5) * 4
+    ctf = _ctf_params(B)
+    img = project_gaussians(coords, model.sigmas, model.amplitudes, rot, D, APIX, -trans)
+    img = ifft2_center(fft2_center(img) * ctf_from_params(freq_grid_2d(D, APIX)[None], ctf)).real
+    img = img + 0.3 * img.std() * torch.randn(img.shape, generator=g)
+    img = img / img.std()
+    return {"images": img, "rot": rot, "trans": trans, "ctf": ctf, "index": torch.arange(B), "label": labels}
+
+
+@pytest.fixture(scope="module")
+def model() -> SegmentVAE:
+    return SegmentVAE(_info(), n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1, decoder_layers=2)
+
+
+def test_undeformed_rendering_is_project_gaussians(model):
+    """At z with zero transforms (the decoder's initial state), render = CTF · project_gaussians(base)."""
+    batch = _two_conformation_batch(model, B=4)
+    coords = model.deform(torch.zeros(4, 8))
+    torch.testing.assert_close(coords, model.coords0.expand(4, -1, -1))
+    base = torch.from_numpy(model.base.structure.residue_coords)
+    ref = project_gaussians(base, torch.full((len(base),), 2.0), model.amplitudes, batch["rot"], D, APIX, -batch["trans"])
+    ref = ifft2_center(fft2_center(ref) * model.ctf(batch)).real
+    torch.testing.assert_close(model.render(coords, batch), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_identity_transforms_leave_coordinates_unchanged():
+    x = torch.randn(50, 3) * 10
+    B, K = 3, 4
+    rot = quaternion_vector_to_matrix(torch.zeros(B, K, 3))
+    torch.testing.assert_close(rot, torch.eye(3).expand(B, K, 3, 3))
+    w = torch.softmax(torch.randn(50, K), 1)
+    torch.testing.assert_close(move_by_segments(x, w, rot, torch.zeros(B, K, 3)), x.expand(B, -1, -1))
+    origins, axes = local_frames(x)
+    torch.testing.assert_close(axes.transpose(1, 2) @ axes, torch.eye(3).expand(50, 3, 3), atol=1e-5, rtol=0)
+    rot_r = quaternion_vector_to_matrix(torch.zeros(B, 50, 3))
+    torch.testing.assert_close(move_per_residue(x, origins, axes, rot_r, torch.zeros(B, 50, 3)), x.expand(B, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_one_segment_moves_rigidly():
+    """A rotation of the only segment rotates every residue about the origin; translations add."""
+    x = torch.randn(20, 3) * 10
+    v = torch.tensor([[[0.0, 0.0, 1.0]]])  # quaternion (1, 0, 0, 1): 90° about z
+    R = quaternion_vector_to_matrix(v)
+    out = move_by_segments(x, torch.ones(20, 1), R, torch.tensor([[[1.0, 2.0, 3.0]]]))
+    expected = torch.stack([-x[:, 1], x[:, 0], x[:, 2]], 1) + torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=0)
+
+
+def test_segmentation_is_a_partition():
+    seg = GMMSegmentation(214, 20)
+    for sample in (False, True):
+        w = seg(sample)
+        assert w.shape == (214, 20) and (w >= 0).all()
+        torch.testing.assert_close(w.sum(1), torch.ones(214))
+    # starts at contiguous equal blocks, like the fixed segmentation
+    assert (seg.labels() == block_labels(214, 20)).float().mean() > 0.95
+    assert (FixedSegmentation(214, 20).labels() == block_labels(214, 20)).all()
+    assert torch.bincount(block_labels(214, 20)).min() >= 10
+    assert float(seg.kl()) >= 0 and FixedSegmentation(214, 20).kl() == 0
+
+
+def test_clash_term_finite_and_zero_without_clash(model):
+    spread = model.coords0[None] * 10.0  # every pair far apart
+    assert float(model.clash(spread)) == 0.0
+    collapsed = torch.zeros(1, *model.coords0.shape, requires_grad=True)  # every pair at d = 0
+    c = model.clash(collapsed)
+    c.backward()
+    assert torch.isfinite(c) and torch.isfinite(collapsed.grad).all() and float(c) > 0
+    assert float(model.continuity(model.coords0[None])) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["learned", "fixed", "per_residue"])
+def test_training_lowers_the_loss(mode):
+    torch.manual_seed(0)
+    m = SegmentVAE(_info(), mode=mode, n_segments=3, encoder_hidden=64, decoder_hidden=64, encoder_layers=1,
+                   decoder_layers=2, lr=2e-3, seg_lr=2e-3, kl_warmup=0.0, clash_weight=0.1, continuity_weight=0.01)
+    batch = _two_conformation_batch(m)
+    opt = m.configure_optimizers()
+    m.eval()
+    first = float(m.losses(batch)["loss"])
+    m.train()
+    for _ in range(25):
+        loss = m.losses(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    last = float(m.losses(batch)["loss"])
+    assert last < first - 1e-3, (first, last)
+    if m.segmentation is not None:
+        torch.testing.assert_close(m.segmentation(True).sum(1), torch.ones(m.coords0.shape[0]))
+
+
+def test_decode_and_structure_contract(model):
+    z = torch.zeros(2, 8)
+    coords = model.structure(z)
+    assert coords.shape == (2, model.coords0.shape[0], 3)
+    vols = model.decode(z, None)
+    assert vols.shape == (2, D, D, D)
+    ref = voxelize_gaussians(coords[0], model.sigmas, model.amplitudes, D, APIX)
+    torch.testing.assert_close(vols[0], ref)
+    emb = model.embed(_two_conformation_batch(model, B=3))
+    assert emb["latent"].shape == (3, 8) and emb["class_probs"] is None
+
+
+def test_trace_models_written_with_segments(model, tmp_path):
+    import gemmi
+
+    coords = model.structure(torch.zeros(3, 8)).numpy()
+    labels = model.segment_labels().astype(float)
+    write_trace_models(tmp_path / "t.pdb", model.base.structure, coords, labels)
+    st = gemmi.read_structure(str(tmp_path / "t.pdb"))
+    assert len(st) == 3
+    atoms = [a for ch in st[0] for r in ch for a in r]
+    assert len(atoms) == coords.shape[1]
+    np.testing.assert_allclose([a.b_iso for a in atoms], labels, atol=0.01)
+    np.testing.assert_allclose([a.pos.tolist() for a in atoms], coords[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("name,mode", [("segvae", "learned"), ("segvae_fixedseg", "fixed"),
+                                       ("segvae_perresidue", "per_residue"), ("segvae_paper", "learned")])
+def test_configs_instantiate(name, mode):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=[f"model={name}", "logger=none"])
+    m = build_model(cfg, _info())
+    assert isinstance(m, SegmentVAE) and m.mode == mode and m.hparams.name == name
