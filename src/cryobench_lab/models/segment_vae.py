@@ -3,7 +3,8 @@
 A base atomic model becomes one Gaussian per residue (components/atoms.py: Cα or C1′, σ = 2 Å, amplitude
 = the residue's electron count). An MLP encoder maps each re-centred image to a Gaussian posterior over
 z (d = 8); an MLP decoder maps z to rigid transforms, and the moved Gaussians are projected with the
-image's pose (pixel-integrated, ``physics.gaussians.project_gaussians``, shifted by −t), multiplied by its
+image's pose (pixel-integrated like ``physics.gaussians.project_gaussians``, via its one-σ fast form
+``components.atoms.project_residues``; shifted by −t), multiplied by its
 CTF in Fourier space and compared with the image.
 
 ``mode`` chooses what the decoder moves:
@@ -52,13 +53,14 @@ from cryobench_lab.models.components.atoms import (
     local_frames,
     move_by_segments,
     move_per_residue,
+    project_residues,
     quaternion_vector_to_matrix,
     residue_gaussians,
 )
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
-from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
+from cryobench_lab.physics.gaussians import voxelize_gaussians
 from cryobench_lab.physics.shift import shift_images
 
 MODES = ("learned", "fixed", "per_residue")
@@ -187,7 +189,7 @@ class SegmentVAE(ReconstructionModule):
         → (B, D, D) in the Gaussians' units (amplitude·Å)."""
         centres = coords + self.offset
         shifts = -batch["trans"] if "trans" in batch else None
-        img = project_gaussians(centres, self.sigmas, self.amplitudes, batch["rot"], self.D, self.apix, shifts)
+        img = project_residues(centres, self.hparams.sigma, self.amplitudes, batch["rot"], self.D, self.apix, shifts)
         ctf = self.ctf(batch)
         if ctf is None:
             return img
