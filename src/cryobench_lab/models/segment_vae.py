@@ -38,6 +38,8 @@ values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; th
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +50,9 @@ from torch import nn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.structures import read_structure
+from cryobench_lab.metrics.atoms import centre_of_mass_distances, count_clashes, distance_correlation
+from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
     local_frames,
@@ -112,6 +117,7 @@ class SegmentVAE(ReconstructionModule):
         clash_threshold: float = 4.0,
         epochs: int = 30,
         traversal_steps: int = 10,
+        domains: Optional[dict] = None,
         seed: int = 0,
     ):
         super().__init__(info, name)
@@ -299,9 +305,63 @@ class SegmentVAE(ReconstructionModule):
         steps = torch.linspace(float(lo), float(hi), max(2, self.hparams.traversal_steps))
         traversal = z.mean(0) + steps[:, None] * axis
         write_trace_models(out_dir / "traversal.pdb", self.base.structure, self.structure(traversal).cpu().numpy(), labels)
+        written = {"dir": str(out_dir), "files": ["segmentation.pdb", "images.pdb", "traversal.pdb", "z.npy"]}
+        atoms = self.atom_scores(z)
+        if atoms is not None:
+            (out_dir / "atoms.json").write_text(json.dumps(atoms, indent=1))
+            written["files"].append("atoms.json")
+            print("[cryobench_lab] " + self.method_name + ": " + "  ".join(
+                f"{k}={v:.4g}" for k, v in atoms.items() if isinstance(v, float)), file=sys.stderr)
         if was_training:
             self.train()
-        return {"dir": str(out_dir), "files": ["segmentation.pdb", "images.pdb", "traversal.pdb", "z.npy"]}
+        return written
+
+    def domain_labels(self) -> Optional[np.ndarray]:
+        """Domain of each residue from ``domains`` ({name: [first, last] residue numbers}); the rest is
+        ``CORE`` (label 0). None without domains or when a domain matches no residue."""
+        if not self.hparams.domains:
+            return None
+        numbers = self.base.structure.residue_numbers
+        labels = np.zeros(len(numbers), np.int64)
+        for k, (lo, hi) in enumerate(self.hparams.domains.values(), start=1):
+            inside = (numbers >= lo) & (numbers <= hi)
+            if not inside.any():
+                return None
+            labels[inside] = k
+        return labels
+
+    @torch.no_grad()
+    def atom_scores(self, z: torch.Tensor) -> Optional[dict]:
+        """Atom metrics for latents z (N, d) of the particles in order, when the data have per-state
+        structures next to the base (``state_XXX.*``, as the presets write) and ``domains`` are set:
+        per-image centre-of-mass distance correlation of each domain to CORE (predicted vs the image's true
+        state), clashes (median per predicted structure vs the base's), ARI of the segmentation vs domains."""
+        domains = self.domain_labels()
+        if domains is None or self.info.labels is None or not self.info.structure:
+            return None
+        files = sorted(Path(self.info.structure).parent.glob("state_*.*"))
+        if len(files) < self.info.n_states:
+            return None
+        truth = np.stack([read_structure(f).residue_coords for f in files[: self.info.n_states]])  # (S, n, 3)
+        if truth.shape[1] != self.base.n_residues:
+            return None
+        labels = np.asarray(self.info.labels)
+        known = labels >= 0
+        pred = self.structure(z[torch.from_numpy(known)]).cpu()  # (N', n, 3)
+        true = torch.from_numpy(truth[labels[known]])
+        groups = [np.flatnonzero(domains == k) for k in range(domains.max() + 1)]
+        scores: dict = {}
+        for k, name in enumerate(self.hparams.domains, start=1):
+            d_pred = centre_of_mass_distances(pred, groups, pairs=[(k, 0)])
+            d_true = centre_of_mass_distances(true, groups, pairs=[(k, 0)])
+            scores[f"distance_corr_{name}_CORE"] = distance_correlation(d_pred, d_true)
+        chains = self.base.chain_ids
+        scores["clashes_median"] = float(count_clashes(pred, chains).double().median())
+        scores["clashes_base"] = float(count_clashes(self.coords0.cpu(), chains))
+        scores["clashes_true_median"] = float(count_clashes(torch.from_numpy(truth), chains).double().median())
+        if self.segmentation is not None:
+            scores["segmentation_ari"] = float(classification_metrics(self.segment_labels(), domains)["ari"])
+        return scores
 
 
 def write_trace_models(path: Path, structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
