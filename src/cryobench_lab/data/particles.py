@@ -38,6 +38,27 @@ from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft2_center, if
 from cryobench_lab.physics.lattice import soft_window
 
 _SCAN_CHUNK = 256  # images read at a time when scanning a stack (bounds memory in lazy mode)
+_MMAP_THRESHOLD = 1 << 20  # bytes; see _return_freed_batches_to_os
+
+
+def _return_freed_batches_to_os() -> None:
+    """Make glibc serve every allocation of ≥ 1 MiB by mmap, so freed batches go back to the OS.
+
+    By default glibc raises its mmap threshold to the size of the last freed large block (up to 32 MiB),
+    after which batch-sized buffers come from the heap and fragmentation keeps them: one lazy pass over a
+    40,000-image stack then grew the process by ~1.2 GB (bench/lazy_memory.py). Fixing the threshold
+    turns that growth off. No-op where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return
 
 
 @dataclass
@@ -267,6 +288,8 @@ class ParticleDataModule(L.LightningDataModule):
         lazy = cfg.lazy
         if lazy is None:
             lazy = n * D * D * 4 > cfg.memory_cap_gb * 2**30
+        if lazy:
+            _return_freed_batches_to_os()
         self.dataset = ParticleDataset(meta, D, invert=invert, window=cfg.window, lazy=lazy, labels=labels)
         gt = None
         if files["gt_volumes"]:
