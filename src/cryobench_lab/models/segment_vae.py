@@ -33,7 +33,7 @@ own units (electrons per Å³ of the residue Gaussians); FSC does not depend on 
 
 Optimisation: Adam, ``lr`` for the encoder/decoder and ``seg_lr`` for the segmentation. The paper's
 values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; the CPU default
-(``segvae.yaml``) uses a larger network lr, measured to converge within minutes on adk (BENCHMARKS.md).
+(``segvae.yaml``) uses a 10× larger network lr (the measurement is in that file's comment).
 """
 
 from __future__ import annotations
