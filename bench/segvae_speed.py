@@ -10,6 +10,7 @@ pixel-factor work (≈ 10 flops per erf-edge element, 2·B·N·(D+1) elements); 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.models.components.atoms import project_residues
 from cryobench_lab.models.segment_vae import SegmentVAE
 from cryobench_lab.physics.rotations import random_rotations
-from pathlib import Path
 
 ADK = Path(__file__).resolve().parents[1] / "src" / "cryobench_lab" / "structures" / "adk" / "adk_closed.pdb.gz"
 

@@ -15,7 +15,6 @@ from cryobench_lab.models.components.atoms import (
     move_per_residue,
     project_residues,
     quaternion_vector_to_matrix,
-    residue_gaussians,
 )
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation, block_labels
 from cryobench_lab.models.segment_vae import SegmentVAE, write_trace_models

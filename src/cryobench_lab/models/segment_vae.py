@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import gemmi
 import numpy as np
@@ -97,7 +96,7 @@ class SegmentVAE(ReconstructionModule):
         info: DatasetInfo,
         name: str = "segvae",
         mode: str = "learned",
-        structure: Optional[str] = None,
+        structure: str | None = None,
         center: bool = False,
         n_segments: int = 20,
         latent_dim: int = 8,
@@ -117,7 +116,7 @@ class SegmentVAE(ReconstructionModule):
         clash_threshold: float = 4.0,
         epochs: int = 30,
         traversal_steps: int = 10,
-        domains: Optional[dict] = None,
+        domains: dict | None = None,
         seed: int = 0,
     ):
         super().__init__(info, name)
@@ -147,7 +146,7 @@ class SegmentVAE(ReconstructionModule):
         idx = torch.arange(n)
         neighbours = ((idx[:, None] - idx[None, :]).abs() <= 1) & torch.from_numpy(chain[:, None] == chain[None, :])
         self.register_buffer("clash_pairs", torch.triu(~neighbours, diagonal=1))  # (n, n) bool
-        self.segmentation: Optional[nn.Module] = None
+        self.segmentation: nn.Module | None = None
         if mode == "per_residue":
             origins, axes = local_frames(self.coords0, self.base.chain_ids)
             self.register_buffer("frame_origins", origins)
@@ -264,7 +263,7 @@ class SegmentVAE(ReconstructionModule):
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode(self, latent: Optional[torch.Tensor], classes: Optional[torch.Tensor]) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor | None, classes: torch.Tensor | None) -> torch.Tensor:
         if latent is None:
             latent = torch.zeros(1 if classes is None else len(classes), self.hparams.latent_dim)
         coords = self.structure(latent)  # (M, n, 3)
@@ -316,7 +315,7 @@ class SegmentVAE(ReconstructionModule):
             self.train()
         return written
 
-    def domain_labels(self) -> Optional[np.ndarray]:
+    def domain_labels(self) -> np.ndarray | None:
         """Domain of each residue from ``domains`` ({name: [first, last] residue numbers}); the rest is
         ``CORE`` (label 0). None without domains or when a domain matches no residue."""
         if not self.hparams.domains:
@@ -331,7 +330,7 @@ class SegmentVAE(ReconstructionModule):
         return labels
 
     @torch.no_grad()
-    def atom_scores(self, z: torch.Tensor) -> Optional[dict]:
+    def atom_scores(self, z: torch.Tensor) -> dict | None:
         """Atom metrics for latents z (N, d) of the particles in order, when the data have per-state
         structures next to the base (``state_XXX.*``, as the presets write) and ``domains`` are set:
         per-image centre-of-mass distance correlation of each domain to CORE (predicted vs the image's true

@@ -18,8 +18,8 @@ Fixed (:class:`FixedSegmentation`): contiguous equal residue blocks, one-hot, no
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _kl_gauss(m: torch.Tensor, s: torch.Tensor, m0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
