@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _blob_volume(D: int, centres: list[tuple[float, float, float]], sigma: float) -> torch.Tensor:
     from cryobench_lab.physics.gaussians import voxelize_gaussians

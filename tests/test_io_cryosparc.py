@@ -1,6 +1,5 @@
 """io.cryosparc: .cs poses/shifts/CTF pinned to cryoDRGN's parse of the same file."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +8,8 @@ from cryobench_lab.errors import InputError
 from cryobench_lab.io.cryosparc import read_cs
 from cryobench_lab.io.pickles import load_ctf, load_poses
 from cryobench_lab.io.star import ctf_from_star, read_star, star_apix
+from shared_data import CRYOEM, needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
 CS_P12 = CRYOEM / "real_particles/cryosparc/cryosparc_P12_J24_001_particles.cs"
 CS_10076 = CRYOEM / "real_particles/empiar10076/empiar_10076_7.cs"
 

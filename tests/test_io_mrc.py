@@ -2,7 +2,6 @@
 
 import os
 import pickle
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -10,10 +9,7 @@ import pytest
 
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import MRCStack, read_mrc, write_mrc, write_stack
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 # (file, shape, header voxel size, mean, std) as listed in SOURCES.md (mrcfile's own reading).
 REAL_MAPS = [

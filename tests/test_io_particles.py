@@ -1,6 +1,5 @@
 """io.particles.load_particles: sources and priorities of poses, CTF and pixel size; row-count checks."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +8,7 @@ from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import read_mrc, write_stack
 from cryobench_lab.io.particles import ParticleMetadata, load_particles
 from cryobench_lab.io.pickles import load_ctf, load_poses, save_ctf, save_pickle, save_poses
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 
 @needs_shared

@@ -9,10 +9,7 @@ import pytest
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.pickles import load_ctf, load_pickle, load_poses, save_ctf, save_pickle, save_poses
 from cryobench_lab.physics.rotations import random_rotations
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 # Every pickle in the shared data and what SOURCES.md says it holds.
 REAL_PICKLES = {

@@ -12,9 +12,7 @@ from cryobench_lab.io.mrc import read_mrc
 from cryobench_lab.io.pickles import load_pickle
 from cryobench_lab.io.star import read_star_blocks
 from cryobench_lab.io.structures import read_structure
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
+from shared_data import SHARED, needs_shared
 
 READERS = {"mrc": read_mrc, "star": read_star_blocks, "cs": read_cs, "pkl": load_pickle, "structure": read_structure}
 

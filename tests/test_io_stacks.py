@@ -1,7 +1,6 @@
 """io.stacks.ImageSource: lazy reads equal whole-file reads, runs are grouped, bad inputs are named."""
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +8,7 @@ import pytest
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import MRCStack, read_mrc, write_stack
 from cryobench_lab.io.stacks import ImageSource
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 # Particle files whose images are present: (file, n, D, stack the rows point into)
 REAL_SOURCES = [

@@ -24,10 +24,7 @@ from cryobench_lab.io.star import (
     write_star,
 )
 from cryobench_lab.physics.rotations import geodesic_distance, random_rotations
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 # Particle stars: (file, rows, pixel size Å or None, box or None)
 PARTICLE_STARS = [

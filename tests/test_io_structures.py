@@ -1,16 +1,14 @@
 """io.structures: every real model opens with the residue counts SOURCES.md gives; round trips; bad files."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.structures import read_models, read_structure, write_structure
+from shared_data import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
 STRUCT = SHARED / "structures"
 TRAJ = SHARED / "trajectories"
 

@@ -1,6 +1,5 @@
 """Atom metrics: clashes on hand-built chains and a brute-force count, distances by hand, correlations."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,7 @@ from cryobench_lab.metrics.atoms import (
     count_clashes,
     distance_correlation,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
+from shared_data import SHARED, needs_shared
 
 # AdK domains (Beckstein et al. 2009): NMP 30–59, LID 122–159, CORE the rest (1-based residue numbers).
 ADK_GROUPS = [np.r_[0:29, 59:121, 159:214], np.arange(29, 59), np.arange(121, 159)]

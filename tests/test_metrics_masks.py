@@ -1,7 +1,6 @@
 """Masks: sphere volumes against the closed-form integral, volume masks against an explicit ball dilation."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,7 @@ from scipy import integrate, ndimage
 from cryobench_lab.errors import InputError
 from cryobench_lab.metrics.fsc import fsc
 from cryobench_lab.metrics.masks import default_threshold, soft_sphere_mask, volume_mask
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
+from shared_data import SHARED, needs_shared
 
 
 def _radius(D):

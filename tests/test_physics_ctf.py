@@ -2,7 +2,6 @@
 
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ from cryobench_lab.physics.ctf import (
     rescale_ctf_params,
 )
 from cryobench_lab.physics.lattice import freq_grid_2d
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import SHARED
 
 
 def _hand_ctf(kx, ky, dfu, dfv, ang_deg, kv, cs_mm, w, phase_deg=0.0, bfactor=None):

@@ -18,7 +18,6 @@ Findings that shaped these tests (measured on the files in ../shared/data/cryoem
 
 import pickle
 import warnings
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -28,8 +27,8 @@ import torch
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
 from cryobench_lab.physics.shift import shift_images
 from cryobench_lab.physics.slicing import extract_slices, insert_slices, project_volume
+from shared_data import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="shared test data not available")
 
 

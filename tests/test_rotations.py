@@ -2,7 +2,6 @@
 
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,7 @@ from cryobench_lab.physics.rotations import (
     random_rotations,
     sixd_to_matrix,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not available")
-CRYOEM = SHARED / "cryoem"
+from shared_data import CRYOEM, needs_shared
 
 
 def _rz_active(deg):

@@ -33,8 +33,8 @@ from cryobench_lab.physics.ctf import ctf_image
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
 from cryobench_lab.physics.gaussians import project_gaussians
 from cryobench_lab.physics.slicing import project_volume
+from shared_data import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 D = 32
 N_PER = 24
 
