@@ -21,7 +21,7 @@ from cryobench_lab.models.mixture_of_fields import MixtureOfFields, balanced_ass
 from cryobench_lab.physics.fft import fft3_center
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"hidden_dim": 64, "n_layers": 2, "n_features": 32, "lr": 2e-3}
+SMALL = {"hidden_dim": 64, "n_layers": 1, "n_features": 32, "lr": 2e-3}
 
 
 def _datamodule(tiny: Path, batch_size: int = 16) -> ParticleDataModule:

@@ -23,9 +23,10 @@ Training schedule, in fractions of ``trainer.max_epochs`` (progress p ∈ [0, 1)
   Sinkhorn iterations, so every field is fitted to a share of the images from the start (no collapse of
   all images onto the field that happens to be best at initialisation);
 - hard assignment: after warm-up, an image is evaluated in every class until its posterior's largest
-  probability exceeds ``confidence``; from then on only in that class, except in every ``estep_every``-th
-  epoch (counted back from the last one), where all classes are evaluated for every image, within the band
-  ``estep_radius · D/2`` where that is cheap, so that assignments can still change.
+  probability exceeds ``confidence``; from then on only in that class, except in E-step epochs (every
+  ``estep_every``-th epoch after warm-up, never the last), where all classes are evaluated for every image,
+  within the band ``estep_radius · D/2`` where that is cheap, so that assignments can still change.
+  ``coarse_until >= warmup`` keeps the all-class evaluations right after warm-up in the cheap band.
 
 Outputs (:meth:`MixtureOfFields.write_outputs`, called from ``on_fit_end`` into the run folder's
 ``classes/``): ``class_XXX.mrc`` at each class's mean latent, ``class_XXX_traversal_YY.mrc`` along the first
@@ -40,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.pickles import save_pickle
 from cryobench_lab.io.star import read_star, read_star_blocks, write_particle_star, write_star
-from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
+from cryobench_lab.metrics.latent import assigned_latent
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.encoders import AmortisedInference
 from cryobench_lab.models.components.fields import FourierField
@@ -95,8 +97,8 @@ class MixtureOfFields(ReconstructionModule):
         encoder_hidden: int = 256,
         encoder_layers: int = 3,
         bf16: bool | None = None,
-        epochs: int = 20,
-        lr: float = 3e-4,
+        epochs: int = 8,
+        lr: float = 5e-4,
         logit_lr: float = 1.0,
         latent_lr: float = 0.05,
         noise_sigma: float | None = None,
@@ -147,7 +149,7 @@ class MixtureOfFields(ReconstructionModule):
     def setup(self, stage: str | None = None) -> None:
         # An auto-decoded table row is only learned from its own image, so every particle must be trained
         # on (cryoDRGN, DRGN-AI and Hydra do the same); a held-out split would leave rows at their init.
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         if self.tables is not None and datamodule is not None and hasattr(datamodule, "train_indices"):
             datamodule.train_indices = np.arange(self.info.n_particles)
 
@@ -181,9 +183,13 @@ class MixtureOfFields(ReconstructionModule):
         return max(2, min(full, round(frac * full)))
 
     def _all_classes_epoch(self) -> bool:
-        """Every class evaluated for every image this epoch (an E-step epoch, counted back from the last)."""
-        last = max(self.trainer.max_epochs, 1) - 1
-        return (last - self.current_epoch) % max(self.hparams.estep_every, 1) == 0
+        """Every class evaluated for every image this epoch: every ``estep_every``-th epoch after the first
+        one past warm-up (that one evaluates every class anyway, no image being confident yet), never the
+        last, which trains the assigned classes at full band."""
+        epochs = max(self.trainer.max_epochs, 1)
+        after = self.current_epoch - math.ceil(self.hparams.warmup * epochs)
+        every = max(self.hparams.estep_every, 1)
+        return after > 0 and after % every == 0 and self.current_epoch < epochs - 1
 
     # ---- data in Fourier space -------------------------------------------------------------------------
     def _points(self, radius: int, device) -> dict:
@@ -401,9 +407,11 @@ class MixtureOfFields(ReconstructionModule):
             write_mrc(out_dir / f"class_{k:03d}.mrc", vol, apix=self.apix)
             if zk is None or len(members) < 2 or self.hparams.traversal_steps < 2:
                 continue
-            scores, _ = pca_embedding(zk, 1)
-            axis = torch.linalg.lstsq((zk - zk.mean(0)).double(), scores.double()).solution[:, 0].float()  # (d,)
-            lo, hi = torch.quantile(scores[:, 0].float(), torch.tensor([0.05, 0.95]))
+            # traversal along the class's first principal axis, 5th to 95th percentile of its scores
+            _, _, vh = torch.linalg.svd((zk - centre).double(), full_matrices=False)
+            axis = vh[0].float()
+            axis = axis * torch.sign(axis[axis.abs().argmax()])  # reproducible direction
+            lo, hi = torch.quantile((zk - centre) @ axis, torch.tensor([0.05, 0.95]))
             for j, s in enumerate(torch.linspace(float(lo), float(hi), self.hparams.traversal_steps)):
                 zs = (centre[0] + s * axis)[None]
                 vol = self.decode(zs, torch.tensor([k]))[0].cpu().numpy()
@@ -431,3 +439,6 @@ class MixtureOfFields(ReconstructionModule):
         if source.suffix in (".mrcs", ".mrc"):
             names = [f"{i + 1}@{source}" for i in range(len(classes))]
             write_particle_star(path, names, meta.rot, meta.trans_px, meta.ctf, apix=meta.apix, D=meta.D, labels=classes)
+        else:
+            rank_zero_warn(f"{source.name}: class assignments are written as classes.pkl only; a STAR file needs "
+                           "per-particle image names, which only .star and .mrcs inputs give")

@@ -13,20 +13,21 @@ from cryobench_lab.physics.lattice import circular_mask
 
 
 class MLPEncoder(nn.Module):
-    """Flattened masked image → ``out_dim``; ``n_layers`` hidden ReLU layers of width ``hidden``."""
+    """Flattened masked image → ``out_dim``: ``in → hidden``, ``n_layers`` residual ``hidden → hidden``
+    (ReLU), ``hidden → out_dim`` (cryoDRGN's ``--enc-layers`` meaning)."""
 
     def __init__(self, box_size: int, out_dim: int, hidden: int = 256, n_layers: int = 3):
         super().__init__()
         self.register_buffer("mask", circular_mask(box_size, box_size // 2))
-        layers, n_in = [], int(self.mask.sum())
-        for _ in range(n_layers):
-            layers += [nn.Linear(n_in, hidden), nn.ReLU()]
-            n_in = hidden
-        layers.append(nn.Linear(n_in, out_dim))
-        self.net = nn.Sequential(*layers)
+        self.inp = nn.Linear(int(self.mask.sum()), hidden)
+        self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers)])
+        self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images[:, self.mask])  # (B, out_dim)
+        h = torch.relu(self.inp(images[:, self.mask]))
+        for layer in self.hidden:
+            h = torch.relu(h + layer(h))
+        return self.out(h)  # (B, out_dim)
 
 
 class CNNEncoder(nn.Module):

@@ -59,16 +59,16 @@ class GaussianFourierFeatures(nn.Module):
 class MLPStack(nn.Module):
     """``n_nets`` independent residual ReLU MLPs of the same shape, weights stacked on the first axis.
 
-    Layers: ``in → hidden``, ``n_layers - 1`` residual ``hidden → hidden``, ``hidden → out`` (``n_layers``
-    hidden activations, the cryoDRGN meaning of ``players``). The first layer is split into a part for the
+    Layers: ``in → hidden``, ``n_layers`` residual ``hidden → hidden``, ``hidden → out`` (the meaning of
+    cryoDRGN's ``--dec-layers``, so equal settings give equal networks). The first layer is split into a part for the
     shared features and a part for per-pair extras (latent, class embedding), so features are never
     concatenated with a per-pair vector at every point.
     """
 
     def __init__(self, n_nets: int, feat_dim: int, extra_dim: int, hidden: int, n_layers: int, out_dim: int):
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if n_layers < 0:
+            raise ValueError(f"n_layers must be >= 0, got {n_layers}")
 
         def linear(n_in: int, n_out: int, scale: float = 1.0) -> tuple[nn.Parameter, nn.Parameter]:
             bound = scale / math.sqrt(max(n_in, 1))  # nn.Linear's default range, optionally shrunk
@@ -80,7 +80,7 @@ class MLPStack(nn.Module):
         # the extra (per-pair) columns of the first layer, split from the feature columns
         self.w_extra = nn.Parameter(self.w_feat.data[:, :, feat_dim:].clone()) if extra_dim else None
         self.w_feat = nn.Parameter(self.w_feat.data[:, :, :feat_dim].contiguous())
-        hidden_layers = [linear(hidden, hidden) for _ in range(n_layers - 1)]
+        hidden_layers = [linear(hidden, hidden) for _ in range(n_layers)]
         self.w_hidden = nn.ParameterList([w for w, _ in hidden_layers])
         self.b_hidden = nn.ParameterList([b for _, b in hidden_layers])
         # small output layer: the initial prediction is close to zero (residual = data)
