@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from cryobench_lab.config import DataConfig
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.io.pickles import load_pickle
-from cryobench_lab.io.star import read_star
+from cryobench_lab.io.star import image_locations, read_star
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.fsc import fsc_summary
 from cryobench_lab.models.components.fields import FourierField
@@ -151,6 +151,10 @@ def test_outputs_written(two_class_run):
     star = read_star(out / "particles_classes.star")
     np.testing.assert_array_equal(star["rlnClassNumber"].to_numpy(), classes + 1)
     assert len(star) == dm.info.n_particles and "rlnAngleRot" in star.columns
+    # the written file is usable where it is: its image names point at the original stack
+    paths, indices = image_locations(star, out / "particles_classes.star")
+    assert {Path(p) for p in paths} == {(Path(dm.info.source).parent / "particles.mrcs").resolve()}
+    np.testing.assert_array_equal(indices, np.arange(dm.info.n_particles))
 
 
 def test_checkpoint_reload_gives_identical_volumes(two_class_run, tmp_path):

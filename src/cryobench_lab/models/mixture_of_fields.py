@@ -46,7 +46,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.pickles import save_pickle
-from cryobench_lab.io.star import read_star, read_star_blocks, write_particle_star, write_star
+from cryobench_lab.io.star import (
+    image_locations,
+    read_star,
+    read_star_blocks,
+    write_particle_star,
+    write_star,
+)
 from cryobench_lab.metrics.latent import assigned_latent
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.encoders import AmortisedInference
@@ -425,12 +431,16 @@ class MixtureOfFields(ReconstructionModule):
         return {"class_sizes": sizes.tolist()}
 
     def _write_star(self, path: Path, classes: np.ndarray, datamodule) -> None:
-        """The input particle table with ``rlnClassNumber`` (1-based); for non-STAR inputs a new table."""
+        """The input particle table with ``rlnClassNumber`` (1-based) and absolute image paths; for a bare
+        stack a new table from the loaded metadata."""
         source = Path(self.info.source)
         if source.suffix == ".star" and source.exists():
             df = read_star(source)
             optics_columns = df.attrs.get("optics_columns", [])
             df = df.drop(columns=[c for c in optics_columns if c in df.columns and c != "rlnOpticsGroup"])
+            # absolute stack paths: the new file lives in the run folder, not next to the stacks
+            paths, indices = image_locations(df, source, getattr(datamodule.cfg, "datadir", None))
+            df["rlnImageName"] = [f"{i + 1}@{p}" for i, p in zip(indices, paths)]
             df["rlnClassNumber"] = classes + 1
             optics = read_star_blocks(source).get("optics")
             write_star(path, df, optics if optics is not None and len(optics) else None)
