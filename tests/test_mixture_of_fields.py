@@ -100,6 +100,36 @@ def test_balanced_assignment_marginals(scale):
     assert q[better, 1].mean() > q[~better, 1].mean()
 
 
+def test_loss_gradient_is_the_mixture_nll_gradient(tiny_dataset):
+    """The two-pass E-step/M-step loss has the gradient of −log Σ_k p_k e^{−E_k} + ½‖z‖² (EM identity)."""
+    dm = _datamodule(tiny_dataset)
+    torch.manual_seed(0)
+    model = MixtureOfFields(dm.info, n_classes=3, latent_dim=2, hidden_dim=32, n_layers=1, n_features=16, bf16=False)
+    batch = next(iter(dm.train_dataloader()))
+    full = model._points(16, "cpu")
+    model._set_scales(model._observe(batch, full), full)
+    with torch.no_grad():
+        model.tables.logits.weight.normal_()
+        model.noise_power.mul_(100.0)  # E of a few nats: soft posteriors, every pair above the gradient floor
+    B, K = len(batch["index"]), 3
+    out = model._loss(batch, radius=8, all_classes=True, balanced=False)
+    assert out["n_pairs"] == B * K and out["n_grad_pairs"] == B * K  # near-uniform posteriors: nothing dropped
+    params = [*model.field.parameters(), model.tables.logits.weight, model.tables.latents.weight]
+    got = torch.autograd.grad(out["loss"], params)
+
+    pts = model._points(8, "cpu")
+    obs = model._observe(batch, pts)
+    tab = model.tables(batch["index"])
+    image, classes = torch.arange(B).repeat_interleave(K), torch.arange(K).repeat(B)
+    E, _ = model._energies(obs, pts, tab["mu"], image, classes)
+    nll = -(tab["logits"].log_softmax(1) - E.reshape(B, K)).logsumexp(1)
+    exact = (nll + 0.5 * tab["mu"].square().sum((1, 2))).mean()
+    want = torch.autograd.grad(exact, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w.to_dense() if w.is_sparse else w,
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_band_radius_schedule(tiny_dataset):
     dm = _datamodule(tiny_dataset)
     model = MixtureOfFields(dm.info, n_classes=1, latent_dim=0, radius_start=0.5, coarse_until=0.2, fine_from=0.6)

@@ -83,8 +83,36 @@ def balanced_assignment(scores: torch.Tensor, spread: float = 3.0, n_iter: int =
     return q.exp()
 
 
+# Pairs whose responsibility is below this get no gradient through their field (their share of the gradient
+# is that small); their log p_k term is kept, so the class logits still see every class.
+_MIN_RESPONSIBILITY = 1e-3
+
+
 class MixtureOfFields(ReconstructionModule):
-    """K neural fields with per-image classes and latents; see the module docstring."""
+    """K neural fields with per-image classes and latents; see the module docstring.
+
+    Args (the ``model.*`` keys of conf/model/{hydra,drgnai,classify3d,cryodrgn}.yaml):
+        n_classes, latent_dim: K fields and the dimension d of each class's conformation latent (0: none).
+        encoder: ``none`` (auto-decoded per-image tables), ``mlp`` or ``cnn`` (amortised encoder).
+        vae, kl_weight: Gaussian posterior on the latents with KL to N(0, I) × ``kl_weight`` (needs an encoder).
+        decoder: ``separate`` (K MLPs) or ``shared`` (one MLP with a class embedding).
+        hidden_dim, n_layers: MLP width and number of residual hidden layers (cryoDRGN's --dec-dim/--dec-layers).
+        n_features, feature_scale: Gaussian Fourier features; their spread is ``feature_scale · D/2`` px.
+        encoder_hidden, encoder_layers: the encoder's width and residual layers.
+        bf16: bfloat16 autocast for the field's matrix products (None: where the hardware has it natively).
+        epochs: default ``trainer.max_epochs``; every schedule below is a fraction of the epochs.
+        lr, logit_lr, latent_lr: Adam learning rate of the networks; SparseAdam rates of the tables.
+        noise_sigma: fixed real-space noise std per pixel, in units of the normalised images (None: the
+            per-shell noise power is estimated from the residuals).
+        noise_momentum: EMA momentum of that estimate per step.
+        radius_start, coarse_until, fine_from: band radius (fraction of D/2) at the start, held until
+            ``coarse_until``, reaching D/2 at ``fine_from`` (fractions of training).
+        warmup: fraction of training with balanced (Sinkhorn) responsibilities.
+        confidence, estep_every, estep_radius: hard assignment above this posterior probability; all
+            classes re-evaluated every ``estep_every`` epochs within ``estep_radius · D/2``.
+        traversal_steps: volumes per class along its latent's first principal axis (outputs).
+        seed: seeds the Gaussian features and the latent tables' initialisation.
+    """
 
     def __init__(
         self,
@@ -290,33 +318,49 @@ class MixtureOfFields(ReconstructionModule):
         logits = params["logits"]
         logp = logits.log_softmax(1) if logits is not None else torch.zeros(B, 1, device=self.device)
         image, classes = self._pairs(batch["index"], all_classes)
-        E, res2 = self._energies(obs, pts, z, image, classes)
-        loglik = torch.full((B, K), -math.inf, device=self.device)
-        loglik = loglik.index_put((image, classes), -E)
+        several = len(image) > B
+        if several:
+            # E-step without gradients, in chunks of B pairs (bounded memory): responsibilities first, then
+            # the fields are differentiated only where they matter (see _MIN_RESPONSIBILITY)
+            with torch.no_grad():
+                E_all = torch.cat([self._energies(obs, pts, z, image[s : s + B], classes[s : s + B])[0]
+                                   for s in range(0, len(image), B)])
+        else:
+            E_all, res2 = self._energies(obs, pts, z, image, classes)
+        loglik = torch.full((B, K), -math.inf, device=self.device).index_put((image, classes), E_all.detach().neg())
         with torch.no_grad():
             scores = logp + loglik
             post = balanced_assignment(scores) if balanced else scores.softmax(1)
+            assigned = post.argmax(1)
             if not balanced and self.training:  # remember each fully evaluated image's belief
                 full = torch.bincount(image, minlength=B) == K
-                self.last_class[batch["index"][full]] = post[full].argmax(1)
+                self.last_class[batch["index"][full]] = assigned[full]
                 self.last_confidence[batch["index"][full]] = post[full].max(1).values
-        data = post[image, classes] * (E - logp[image, classes])  # (M,)
+        r = post[image, classes]  # (M,) responsibilities of the evaluated pairs
+        if several:
+            grad = (r > _MIN_RESPONSIBILITY) | (classes == assigned[image])
+            image_g, classes_g = image[grad], classes[grad]
+            E, res2 = self._energies(obs, pts, z, image_g, classes_g)
+            # Σ_k r_k (E_k − log p_k): the log p_k part over every pair keeps the logits' gradient p − r exact
+            data = (r[grad] * E).sum() - (r * logp[image, classes]).sum()
+        else:
+            image_g, classes_g = image, classes
+            data = (r * (E_all - logp[image, classes])).sum()
         if logvar is not None:
             prior = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum((1, 2)) * self.hparams.kl_weight
         elif mu is not None:
             prior = 0.5 * mu.square().sum((1, 2))
         else:
             prior = torch.zeros(B, device=self.device)
-        loss = (data.sum() + prior.sum()) / B
+        loss = (data + prior.sum()) / B
         with torch.no_grad():
-            nll = -(logp + loglik).logsumexp(1)  # exact when every class was evaluated
-            assigned = post.argmax(1)
-            keep = classes == assigned[image]
+            nll = -scores.logsumexp(1)  # exact when every class was evaluated
+            keep = classes_g == assigned[image_g]  # one pair per image: its assigned class
             signal = (obs["Y"].abs().square() @ pts["weight"]).sum()
             residual = (res2[keep] @ pts["weight"]).sum() / signal  # fraction of the data's power not explained
         return {"loss": loss, "nll": nll.mean(), "prior": prior.mean(), "res2": res2[keep].detach(), "pts": pts,
-                "residual": residual,
-                "n_points": len(pts["weight"]), "n_pairs": len(image), "assigned": assigned}
+                "residual": residual, "n_points": len(pts["weight"]), "n_pairs": len(image),
+                "n_grad_pairs": len(image_g), "assigned": assigned}
 
     @torch.no_grad()
     def _update_noise(self, res2: torch.Tensor, pts: dict) -> None:
@@ -353,7 +397,8 @@ class MixtureOfFields(ReconstructionModule):
         self.log_dict(
             {"train/loss": out["loss"].detach(), "train/nll_per_point": out["nll"] / out["n_points"],
              "train/residual": out["residual"],
-             "train/radius": float(out["pts"]["shell"].max() + 1), "train/pairs_per_image": out["n_pairs"] / B},
+             "train/radius": float(out["pts"]["shell"].max() + 1), "train/pairs_per_image": out["n_pairs"] / B,
+             "train/grad_pairs_per_image": out["n_grad_pairs"] / B},
             prog_bar=False, on_step=True, on_epoch=True, batch_size=B,
         )
         return out["loss"].detach()
