@@ -46,6 +46,11 @@ class DataConfig:
     memory_cap_gb: float = 4.0
     window: bool = True  # soft real-space window before Fourier cropping
     batch_size: int = 64
+    # training order: random (uniform permutation) | chunked (permute chunks of chunk_size contiguous
+    # particles, then images within a window of shuffle_window chunks: sequential reads for lazy stacks)
+    shuffle: str = "random"
+    chunk_size: int = 1024
+    shuffle_window: int = 4
     val_fraction: float = 0.1
     split_seed: int = 0
     num_workers: int = 0
@@ -57,6 +62,7 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = "auto"
+    num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
     max_epochs: Optional[int] = None  # None: the model's own default
@@ -98,6 +104,9 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
+    # sweeps (sweeps.py): skip a run whose output_dir holds a complete metrics.json of the same config
+    skip_finished: bool = False
+    threads: Optional[int] = None  # torch intra-op threads of this run (None: torch's default)
 
 
 def register_configs() -> None:
