@@ -30,24 +30,10 @@ import torch.nn.functional as F
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.metrics.masks import soft_sphere_mask
 from cryobench_lab.models.base import ReconstructionModule
+from cryobench_lab.models.components.reconstruction import shell_index, shell_mean
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import insert_slices
-
-
-def _shell_index(P: int, device=None) -> torch.Tensor:
-    """Integer radius of every voxel of a centred (P, P, P) grid, (P, P, P) int64."""
-    k = torch.arange(P, device=device) - P // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    return torch.round(r).long()
-
-
-def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``values`` over each integer shell, (n_shells,)."""
-    flat = shells.reshape(-1).clamp(max=n_shells - 1)
-    total = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, values.reshape(-1))
-    count = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, torch.ones_like(values.reshape(-1)))
-    return total / count.clamp(min=1)
 
 
 class Backprojection(ReconstructionModule):
@@ -119,7 +105,7 @@ class Backprojection(ReconstructionModule):
     def solve(self) -> None:
         """Turn the accumulated sums into real-space volumes (fills ``volumes`` and ``half_fsc``)."""
         P, D = self.P, self.D
-        shells = _shell_index(P, self.num.device)
+        shells = shell_index(P, self.num.device)
         n_shells = P // 2
         outside = shells >= n_shells
         lo = (P - D) // 2
@@ -127,10 +113,10 @@ class Backprojection(ReconstructionModule):
         for c in range(self.n_classes):
             num_full = self.num[c].sum(0)
             den_full = self.den[c].sum(0)
-            den_mean = _shell_mean(den_full, shells, n_shells)
+            den_mean = shell_mean(den_full, shells, n_shells)
             halves = [self.num[c, h] / (self.den[c, h] + 1e-3 * den_mean.max() / 2) for h in (0, 1)]
-            cross = _shell_mean((halves[0] * halves[1].conj()).real, shells, n_shells)
-            power = _shell_mean(halves[0].abs() ** 2, shells, n_shells) * _shell_mean(halves[1].abs() ** 2, shells, n_shells)
+            cross = shell_mean((halves[0] * halves[1].conj()).real, shells, n_shells)
+            power = shell_mean(halves[0].abs() ** 2, shells, n_shells) * shell_mean(halves[1].abs() ** 2, shells, n_shells)
             fsc = cross / power.sqrt().clamp(min=1e-30)
             self.half_fsc[c] = fsc
             if self.wiener == "fsc":

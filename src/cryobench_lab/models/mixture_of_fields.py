@@ -41,23 +41,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.pickles import save_pickle
-from cryobench_lab.io.star import (
-    image_locations,
-    read_star,
-    read_star_blocks,
-    write_particle_star,
-    write_star,
-)
 from cryobench_lab.metrics.latent import assigned_latent
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.encoders import AmortisedInference
 from cryobench_lab.models.components.fields import FourierField
 from cryobench_lab.models.components.poses import KnownPoses
+from cryobench_lab.models.components.reconstruction import write_class_star
 from cryobench_lab.models.components.tables import PerImageTables
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft2_center, ifft3_center
@@ -476,24 +469,4 @@ class MixtureOfFields(ReconstructionModule):
         return {"class_sizes": sizes.tolist()}
 
     def _write_star(self, path: Path, classes: np.ndarray, datamodule) -> None:
-        """The input particle table with ``rlnClassNumber`` (1-based) and absolute image paths; for a bare
-        stack a new table from the loaded metadata."""
-        source = Path(self.info.source)
-        if source.suffix == ".star" and source.exists():
-            df = read_star(source)
-            optics_columns = df.attrs.get("optics_columns", [])
-            df = df.drop(columns=[c for c in optics_columns if c in df.columns and c != "rlnOpticsGroup"])
-            # absolute stack paths: the new file lives in the run folder, not next to the stacks
-            paths, indices = image_locations(df, source, getattr(datamodule.cfg, "datadir", None))
-            df["rlnImageName"] = [f"{i + 1}@{p}" for i, p in zip(indices, paths)]
-            df["rlnClassNumber"] = classes + 1
-            optics = read_star_blocks(source).get("optics")
-            write_star(path, df, optics if optics is not None and len(optics) else None)
-            return
-        meta = datamodule.dataset.meta
-        if source.suffix in (".mrcs", ".mrc"):
-            names = [f"{i + 1}@{source}" for i in range(len(classes))]
-            write_particle_star(path, names, meta.rot, meta.trans_px, meta.ctf, apix=meta.apix, D=meta.D, labels=classes)
-        else:
-            rank_zero_warn(f"{source.name}: class assignments are written as classes.pkl only; a STAR file needs "
-                           "per-particle image names, which only .star and .mrcs inputs give")
+        write_class_star(path, classes, self.info, datamodule)
