@@ -307,12 +307,14 @@ class ParticleDataModule(L.LightningDataModule):
 
     def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
         subset = _IndexView(indices)
+        generator = None
         if shuffle:
-            g = torch.Generator().manual_seed(self.seed)
-            sampler = RandomSampler(subset, generator=g)
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = RandomSampler(subset, generator=generator)
         else:
             sampler = SequentialSampler(subset)
-        batches = _MappedBatchSampler(BatchSampler(sampler, self.cfg.batch_size, drop_last=False), indices)
+        batches = _MappedBatchSampler(BatchSampler(sampler, self.cfg.batch_size, drop_last=False), indices,
+                                      generator, self.seed)
         return DataLoader(
             self.dataset, sampler=batches, batch_size=None, num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
@@ -338,11 +340,22 @@ class _IndexView:
 
 
 class _MappedBatchSampler:
-    """Maps batches of positions in a subset to dataset indices."""
+    """Maps batches of positions in a subset to dataset indices.
 
-    def __init__(self, batch_sampler: BatchSampler, indices: np.ndarray):
+    The shuffle order of an epoch depends only on the seed and the epoch number (Lightning calls
+    :meth:`set_epoch` before each epoch), so a run resumed from a checkpoint sees the same batches as an
+    uninterrupted one.
+    """
+
+    def __init__(self, batch_sampler: BatchSampler, indices: np.ndarray, generator=None, seed: int = 0):
         self.batch_sampler = batch_sampler
         self.indices = indices
+        self.generator = generator
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed * 1_000_003 + epoch)
 
     def __iter__(self):
         for positions in self.batch_sampler:
