@@ -49,7 +49,6 @@ from cryobench_lab.metrics.latent import assigned_latent
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.encoders import AmortisedInference
 from cryobench_lab.models.components.fields import FourierField
-from cryobench_lab.models.components.poses import KnownPoses
 from cryobench_lab.models.components.reconstruction import write_class_star
 from cryobench_lab.models.components.tables import PerImageTables
 from cryobench_lab.physics.ctf import ctf_from_params
@@ -57,6 +56,7 @@ from cryobench_lab.physics.fft import fft2_center, ifft2_center, ifft3_center
 from cryobench_lab.physics.lattice import grid_2d
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import slice_coordinates
+from cryobench_lab.poses.source import SearchedPoses, build_pose_source
 
 
 def balanced_assignment(scores: torch.Tensor, spread: float = 3.0, n_iter: int = 50) -> torch.Tensor:
@@ -139,6 +139,7 @@ class MixtureOfFields(ReconstructionModule):
         estep_radius: float = 0.5,
         traversal_steps: int = 5,
         seed: int = 0,
+        poses: dict | None = None,
     ):
         super().__init__(info, name)
         if n_classes < 1 or latent_dim < 0:
@@ -147,13 +148,11 @@ class MixtureOfFields(ReconstructionModule):
             raise ValueError(f"model.decoder must be 'separate' or 'shared', got {decoder!r}")
         if vae and (encoder == "none" or latent_dim == 0):
             raise ValueError("model.vae=true needs an encoder (encoder=mlp|cnn) and latent_dim > 0")
-        if not info.has_poses:
-            raise ValueError(f"model={name} uses known poses: pass data.poses= or a star/cs file with angles")
         self.save_hyperparameters(ignore=["info"])
         self.automatic_optimization = False
         self.default_epochs = epochs
         self.K, self.d = n_classes, latent_dim
-        self.poses = KnownPoses()
+        self.poses = build_pose_source(poses, info.n_particles, n_classes, self.D, self.apix, info.has_poses, seed)
         self.field = FourierField(
             self.D, n_classes, latent_dim, hidden_dim, n_layers, n_features, feature_scale,
             shared=decoder == "shared", bf16=bf16, seed=seed,
@@ -172,6 +171,8 @@ class MixtureOfFields(ReconstructionModule):
         self.register_buffer("last_class", torch.zeros(info.n_particles, dtype=torch.long))
         self.register_buffer("last_confidence", torch.zeros(info.n_particles))
         self._point_cache: dict = {}
+        if isinstance(self.poses, SearchedPoses):
+            self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch)
 
     def setup(self, stage: str | None = None) -> None:
         # An auto-decoded table row is only learned from its own image, so every particle must be trained
@@ -189,9 +190,27 @@ class MixtureOfFields(ReconstructionModule):
             groups.append({"params": [self.tables.logits.weight], "lr": self.hparams.logit_lr})
         if self.tables is not None and self.tables.latents is not None:
             groups.append({"params": [self.tables.latents.weight], "lr": self.hparams.latent_lr})
+        if isinstance(self.poses, SearchedPoses):
+            groups += self.poses.param_groups()
         if groups:
             optimisers.append(torch.optim.SparseAdam(groups))
         return optimisers
+
+    @torch.no_grad()
+    def _class_values(self, coords: torch.Tensor, k: int) -> torch.Tensor:
+        """Class k's field (complex, before CTF) at frequencies ``coords (Q, 3)`` cycles/box, at the mean latent
+        of the images last assigned to it (the prior mean for an encoder): what the pose search renders."""
+        z = None
+        if self.d:
+            z = torch.zeros(self.d, device=self.device)
+            if self.tables is not None:
+                latents = self.tables.latents.weight.reshape(-1, self.K, self.d)[:, k]  # (N, d)
+                members = self.last_class == k
+                z = latents[members].mean(0) if members.any() else latents.mean(0)
+            z = z[None]
+        out = self.field(coords[None].to(self.device), z, torch.zeros(1, dtype=torch.long, device=self.device),
+                         torch.full((1,), k, dtype=torch.long, device=self.device))[0]  # (Q, 2)
+        return torch.complex(out[:, 0], out[:, 1])
 
     # ---- schedule --------------------------------------------------------------------------------------
     def _progress(self, batch_idx: int) -> float:

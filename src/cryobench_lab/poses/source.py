@@ -1,0 +1,195 @@
+"""Estimated poses as a pose source: per-image pose tables filled by a search, then refined by SGD (pure torch).
+
+A pose source is a module ``forward(batch) -> (rot, trans)`` (models/components/poses.py): ``rot (B, 3, 3)``
+or per class ``(B, K, 3, 3)``, ``trans (B, 2)`` px, the re-centring shift of docs/conventions.md.
+:class:`SearchedPoses` keeps a rotation per image and class and a shift per image, and changes them on a
+schedule of training epochs (:class:`PoseSchedule`):
+
+1. ``pretrain_epochs``: random rotations (uniform on SO(3), fixed per image and class), zero shifts, so the
+   fields learn the rotationally averaged low-resolution structure;
+2. ``global_epochs``: the first time an image is seen in an epoch, it is searched in every class over the
+   whole of SO(3) × shifts (:class:`~cryobench_lab.poses.search.PoseSearch`) against the class's field
+   rendered at its latent centroid; the field keeps training between batches, so later batches are
+   searched against a better volume (stochastic ab initio);
+3. ``local_epochs``: the same, as a local search around the current pose;
+4. after those, refinement: the model's optimiser moves a per-image axis-angle correction of every class's
+   rotation and a shift correction (``param_groups``) by the gradient of the model's loss.
+
+The image's shift is the one found in the class where the search's energy is lowest. The fields are
+rendered (:func:`render_spectrum`) at most every ``render_every`` searched batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cryobench_lab.models.components.poses import KnownPoses
+from cryobench_lab.physics.ctf import ctf_from_params
+from cryobench_lab.physics.fft import fft2_center, ifft3_center
+from cryobench_lab.physics.lattice import freq_grid_2d, freq_grid_3d
+from cryobench_lab.physics.rotations import axis_angle_to_matrix, random_rotations
+from cryobench_lab.physics.slicing import volume_spectrum
+from cryobench_lab.poses.search import PoseSearch, SearchConfig
+
+
+@dataclass
+class PoseSchedule:
+    """The ``poses.*`` keys of conf/poses/search.yaml (epochs count from 0)."""
+
+    pretrain_epochs: int = 1
+    global_epochs: int = 2
+    local_epochs: int = 2
+    local_step_deg: float = 3.75  # first step of the local search (then halved twice)
+    render_every: int = 4  # searched batches between renders of the fields
+    lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
+    lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def phase(self, epoch: int) -> str:
+        """``pretrain``, ``global``, ``local`` or ``refine`` at ``epoch``."""
+        if epoch < self.pretrain_epochs:
+            return "pretrain"
+        if epoch < self.pretrain_epochs + self.global_epochs:
+            return "global"
+        if epoch < self.pretrain_epochs + self.global_epochs + self.local_epochs:
+            return "local"
+        return "refine"
+
+
+def build_pose_source(cfg: dict | None, n_images: int, n_classes: int, box_size: int, apix: float,
+                      has_poses: bool, seed: int = 0) -> nn.Module:
+    """The pose source a ``poses`` config names: ``source: given`` (:class:`KnownPoses`, the data's poses;
+    default when ``cfg`` is None) or ``source: search`` (:class:`SearchedPoses`). The other keys are those of
+    :class:`PoseSchedule` and :class:`~cryobench_lab.poses.search.SearchConfig`, flat."""
+    cfg = dict(cfg or {})
+    source = cfg.pop("source", "given")
+    if source == "given":
+        if not has_poses:
+            raise ValueError("the data carry no poses: pass data.poses=<pickle>, a star/cs file with angles, "
+                             "or estimate them with poses=search")
+        return KnownPoses()
+    if source != "search":
+        raise ValueError(f"poses.source must be 'given' or 'search', got {source!r}")
+    search_keys = {f.name for f in fields(SearchConfig)}
+    search = SearchConfig(**{k: cfg.pop(k) for k in list(cfg) if k in search_keys})
+    return SearchedPoses(n_images, n_classes, box_size, apix, PoseSchedule(**cfg, search=search), seed=seed)
+
+
+def render_spectrum(values: Callable[[torch.Tensor], torch.Tensor], D: int, radius: float, pad: int = 2) -> torch.Tensor:
+    """Oversampled centred spectrum ``(pad·D,)*3`` of a field known as a function of frequency.
+
+    ``values(coords (Q, 3)) -> complex (Q,)`` gives the field at integer frequencies [kx, ky, kz]
+    (cycles/box); it is evaluated within ``|k| ≤ radius + 1`` only (the band a search uses, plus the
+    neighbours trilinear interpolation touches), zero elsewhere, then brought to real space and zero-padded
+    ``pad``-fold (:func:`physics.slicing.volume_spectrum`), which keeps the values at the integer
+    frequencies and interpolates between them as for a volume confined to the box.
+    """
+    grid = freq_grid_3d(D)  # (D, D, D, 3)
+    inside = grid.norm(dim=-1) <= radius + 1
+    spectrum = torch.zeros(D, D, D, dtype=torch.complex64)
+    spectrum[inside] = values(grid[inside]).to(torch.complex64).cpu()
+    return volume_spectrum(ifft3_center(spectrum).real, pad)
+
+
+class SearchedPoses(nn.Module):
+    """Per-image poses from a search and SGD refinement; see the module docstring.
+
+    Args:
+        n_images, n_classes: table sizes (one rotation per image and class, one shift per image).
+        box_size, apix: D (px) and Å/px of the training images.
+        schedule: :class:`PoseSchedule` (or its keys as a dict).
+        seed: seeds the random initial rotations.
+
+    Before training, :meth:`attach` gives it the model's class fields, noise power and epoch counter.
+    """
+
+    def __init__(self, n_images: int, n_classes: int, box_size: int, apix: float,
+                 schedule: PoseSchedule | dict | None = None, seed: int = 0):
+        super().__init__()
+        self.schedule = schedule if isinstance(schedule, PoseSchedule) else PoseSchedule(**(schedule or {}))
+        self.K, self.D, self.apix = n_classes, box_size, apix
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("rot", random_rotations(n_images * n_classes, generator=g).reshape(n_images, n_classes, 3, 3))
+        self.register_buffer("trans", torch.zeros(n_images, 2))
+        # epoch in which each image was last searched (−1: never)
+        self.register_buffer("searched_epoch", torch.full((n_images,), -1, dtype=torch.long))
+        self.rot_delta = nn.Embedding(n_images, n_classes * 3, sparse=True)
+        self.trans_delta = nn.Embedding(n_images, 2, sparse=True)
+        nn.init.zeros_(self.rot_delta.weight)
+        nn.init.zeros_(self.trans_delta.weight)
+        self._class_values: Callable | None = None
+        self._noise_power: Callable | None = None
+        self._epoch: Callable[[], int] = lambda: 0
+        self._searchers: list[PoseSearch] | None = None
+        self._since_render = 0
+
+    def attach(self, class_values: Callable[[torch.Tensor, int], torch.Tensor],
+               noise_power: Callable[[], torch.Tensor] | None, epoch: Callable[[], int]) -> None:
+        """``class_values(coords (Q, 3), k) -> complex (Q,)``: class k's current field (the model's prediction
+        before CTF) at frequencies in cycles/box; ``noise_power() -> (D//2 + 1,)`` the per-shell noise power of
+        the centred image spectra (None: white, 1); ``epoch() -> int`` the current training epoch."""
+        self._class_values, self._noise_power, self._epoch = class_values, noise_power, epoch
+
+    def param_groups(self) -> list[dict]:
+        """SparseAdam groups of the refinement corrections."""
+        return [{"params": [self.rot_delta.weight], "lr": self.schedule.lr_rot},
+                {"params": [self.trans_delta.weight], "lr": self.schedule.lr_trans}]
+
+    def poses(self, index: torch.Tensor, refined: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations ``(B, K, 3, 3)`` and shifts ``(B, 2)`` px of images ``index (B,)``, with the refinement
+        corrections applied when ``refined``."""
+        rot, trans = self.rot[index], self.trans[index]
+        if refined:
+            delta = axis_angle_to_matrix(self.rot_delta(index).reshape(-1, self.K, 3))  # (B, K, 3, 3)
+            rot, trans = delta @ rot, trans + self.trans_delta(index)
+        return rot, trans
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        index = batch["index"]
+        epoch = int(self._epoch())
+        phase = self.schedule.phase(epoch)
+        if self.training and phase in ("global", "local"):
+            todo = self.searched_epoch[index] != epoch
+            if todo.any():
+                self._search(batch, todo, phase == "global")
+                self.searched_epoch[index[todo]] = epoch
+        rot, trans = self.poses(index, refined=phase == "refine" or not self.training)
+        return (rot[:, 0] if self.K == 1 else rot), trans
+
+    @torch.no_grad()
+    def _render(self) -> list[PoseSearch]:
+        cfg = self.schedule.search
+        radius = max(cfg.min_radius, cfg.max_radius * self.D / 2)
+        return [PoseSearch(render_spectrum(lambda c, k=k: self._class_values(c, k), self.D, radius), self.D,
+                           config=cfg) for k in range(self.K)]
+
+    @torch.no_grad()
+    def _search(self, batch: dict, todo: torch.Tensor, whole: bool) -> None:
+        """Search images ``todo (B,)`` of the batch in every class; ``whole``: global, else local."""
+        if self._class_values is None:
+            raise RuntimeError("SearchedPoses.attach() was not called: the pose search needs the model's fields")
+        if self._searchers is None or self._since_render >= self.schedule.render_every:
+            self._searchers, self._since_render = self._render(), 0
+        self._since_render += 1
+        index = batch["index"][todo].cpu()
+        spectra = fft2_center(batch["images"][todo].float().cpu())  # (b, D, D) observed, not re-centred
+        ctf = None
+        if "ctf" in batch:
+            ctf = ctf_from_params(freq_grid_2d(self.D, self.apix)[None], batch["ctf"][todo].float().cpu())
+        noise = self._noise_power().float().cpu() if self._noise_power is not None else None
+        energies, shifts = [], []
+        for k, searcher in enumerate(self._searchers):
+            if whole:
+                out = searcher.search(spectra, ctf, noise)
+            else:
+                out = searcher.local(spectra, ctf, noise, self.rot[index, k].cpu(), self.trans[index].cpu(),
+                                     self.schedule.local_step_deg)
+            self.rot[index.to(self.rot.device), k] = out["rot"].to(self.rot)
+            energies.append(out["energy"])
+            shifts.append(out["trans"])
+        best = torch.stack(energies, 1).argmin(1)  # (b,) class where the image is explained best
+        self.trans[index.to(self.trans.device)] = torch.stack(shifts, 1)[torch.arange(len(index)), best].to(self.trans)
