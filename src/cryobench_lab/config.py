@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -30,6 +30,9 @@ class DataConfig:
     snr: Optional[float] = None
     sim_seed: int = 0
     cache_dir: Optional[str] = None
+    # --- a published benchmark download (layout=cryobench: see io/cryobench.py; data.snr picks images/snr<SNR>)
+    layout: Optional[str] = None  # None: preset or user files; cryobench: read data.root in CryoBench's layout
+    root: Optional[str] = None  # the CryoBench dataset folder (layout=cryobench)
     # --- user data
     particles: Optional[str] = None  # .star, .cs, .txt or .mrcs
     poses: Optional[str] = None  # cryoDRGN poses pickle (overrides the star/cs poses)
@@ -88,7 +91,7 @@ class LoggerConfig:
 class MetricsConfig:
     """What the shared scorer computes after training."""
 
-    fsc_mask: str = "none"  # none | sphere | gt (thresholded, dilated, soft-edged ground truth)
+    fsc_mask: str = "none"  # none | sphere | gt (thresholded, dilated, soft-edged ground truth) | dataset (its own mask)
     per_image_n: int = 100  # images scored by the per-image FSC protocol; 0 skips it
     eval_every: int = 0  # also score every n epochs during training; 0: only at the end
     save_volumes: bool = True
@@ -104,10 +107,20 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
+    # Set by `+smoke=true` (conf/smoke/true.yaml): an experiment's CPU-sized shrink. Experiment configs pick
+    # values with the resolver ${smoke:<full>,<smoke>}.
+    smoke: bool = False
     # sweeps (sweeps.py): skip a run whose output_dir holds a complete metrics.json of the same config
     skip_finished: bool = False
     threads: Optional[int] = None  # torch intra-op threads of this run (None: torch's default)
 
 
+def _smoke(full, small, *, _root_):
+    """``${smoke:<full>,<small>}``: ``small`` when the run was started with ``+smoke=true``, else ``full``."""
+    return small if _root_.get("smoke", False) else full
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("smoke"):
+        OmegaConf.register_new_resolver("smoke", _smoke)

@@ -4,6 +4,7 @@
     python -m cryobench_lab.simulate --structures a.pdb b.cif --out DIR
     python -m cryobench_lab.simulate --preset adk            # into the cache, reused afterwards
     python -m cryobench_lab.simulate --list
+    python -m cryobench_lab.simulate --preset adk --out DIR --layout cryobench   # CryoBench's download layout
 
 The logic is in :mod:`cryobench_lab.data.presets` and :mod:`cryobench_lab.data.simulate`.
 """
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
         help="any other recipe key, VALUE as JSON, e.g. --set n_states=20 "
         "--set 'defocus_range=[8000,20000]' (repeatable)",
     )
+    ap.add_argument(
+        "--layout",
+        choices=["cryobench_lab", "cryobench"],
+        default="cryobench_lab",
+        help="cryobench_lab: particles.mrcs/.star + pickles (default); cryobench: the published CryoBench "
+        "layout (images/snr<SNR>/sorted_particles.<D>.txt, combined_poses.pkl, combined_ctfs.pkl, "
+        "gt_latents.pkl, vols/<D>_org/, init_mask/mask.mrc), readable with data.layout=cryobench; needs --out",
+    )
     ap.add_argument("--list", action="store_true", help="print the presets' full recipes and exit")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 "nothing to simulate: pass --preset NAME or --structures FILE [FILE ...] (see --help)"
             )
         overrides = _overrides(args)
+        if args.layout == "cryobench":
+            return _simulate_cryobench(preset, args, overrides)
         if args.out:
             folder = simulate_preset(preset, args.out, overrides, progress=not args.quiet)
         else:
@@ -105,6 +116,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{folder}: {meta['n_particles']} particles, {meta['n_states']} states, D={meta['box_size']}, "
         f"apix={meta['apix']} Å, SNR={meta['snr']}, {meta['seconds']} s"
     )
+    return 0
+
+
+def _simulate_cryobench(preset: str, args, overrides: dict) -> int:
+    """Simulate into a scratch folder next to ``--out``, then rewrite it in CryoBench's layout at ``--out``."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cryobench_lab.io.cryobench import write_cryobench_layout
+
+    if not args.out:
+        raise InputError("--layout cryobench needs --out DIR (the cache holds only the cryobench_lab layout)")
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: output folder exists and is not empty; choose a new folder or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.sim-", dir=out.parent))
+    try:
+        folder = simulate_preset(preset, scratch / "dataset", overrides, progress=not args.quiet)
+        write_cryobench_layout(folder, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    meta = json.loads((out / "replica.json").read_text())
+    print(f"{out}: CryoBench layout, {meta['n_particles']} particles, {meta['n_states']} states, "
+          f"D={meta['box_size']}, apix={meta['apix']} Å, SNR={meta['snr']}")
     return 0
 
 

@@ -31,7 +31,7 @@ from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
-from cryobench_lab.metrics.protocols import per_conformation_fsc, per_image_fsc
+from cryobench_lab.metrics.protocols import MASKED, per_conformation_fsc, per_image_fsc
 from cryobench_lab import plots
 
 MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
@@ -48,20 +48,24 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 @dataclass
 class ScoreOptions:
-    fsc_mask: str = "none"  # none | sphere | gt (threshold + dilate + soft edge of each ground-truth volume)
+    fsc_mask: str = "none"  # none | sphere | gt (threshold + dilate + soft edge of each ground-truth volume) | dataset
     per_image_n: int = 100  # images for the per-image FSC; 0 skips it
     save_volumes: bool = True
     figures: bool = True
 
 
-def _masks(option: str, gt: torch.Tensor):
+def _masks(option: str, gt: torch.Tensor, dataset_mask: torch.Tensor | None = None):
     if option == "none":
         return None
+    if option == "dataset":  # the mask the dataset ships (CryoBench: init_mask/mask.mrc)
+        if dataset_mask is None:
+            raise ValueError("metrics.fsc_mask=dataset: this dataset has no mask of its own; use none, sphere or gt")
+        return dataset_mask
     if option == "sphere":
         return soft_sphere_mask(gt.shape[-1])
     if option == "gt":
         return torch.stack([volume_mask(v) for v in gt])
-    raise ValueError(f"metrics.fsc_mask must be none, sphere or gt, got {option!r}")
+    raise ValueError(f"metrics.fsc_mask must be none, sphere, gt or dataset, got {option!r}")
 
 
 @torch.no_grad()
@@ -90,7 +94,9 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
     vol_dir = out_dir / "volumes"
     labels = torch.as_tensor(info.labels) if info.labels is not None else None
     if labels is not None and info.gt_volumes is not None:
-        mask = _masks(options.fsc_mask, info.gt_volumes)
+        mask = _masks(options.fsc_mask, info.gt_volumes, info.mask)
+        # A dataset with its own mask is also scored under it (CryoBench's masked FSC): keys *_masked.
+        variants = {MASKED: info.mask} if info.mask is not None and options.fsc_mask != "dataset" else None
         state_volumes: dict[int, torch.Tensor] = {}
 
         def keep(state: int, vol: torch.Tensor) -> None:
@@ -98,10 +104,10 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             if options.save_volumes:
                 write_mrc(vol_dir / f"state_{state:03d}.mrc", vol.numpy(), apix=info.apix)
 
-        conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep)
+        conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep, variants=variants)
         result.update(conf)
         if options.per_image_n > 0:
-            result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask))
+            result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask, variants=variants))
         if options.figures:
             figures["fsc"] = plots.plot_fsc_curves(fig_dir / "fsc.png", conf["per_state"], info.apix)
             shown = sorted(state_volumes)[:: max(1, len(state_volumes) // MONTAGE_MAX)][:MONTAGE_MAX]

@@ -31,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm.auto import tqdm
 
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.cryobench import load_cryobench, read_mask
 from cryobench_lab.io.mrc import read_mrc
 from cryobench_lab.io.particles import ParticleMetadata, load_particles
 from cryobench_lab.io.pickles import load_pickle
@@ -70,7 +71,8 @@ class DatasetInfo:
     apix: float  # Å/px at box D
     has_poses: bool
     labels: Optional[np.ndarray] = None  # (N,) int64, −1 = unknown
-    gt_volumes: Optional[torch.Tensor] = None  # (S, D, D, D) at box D, apix as above
+    gt_volumes: Optional[torch.Tensor] = None  # (S, D, D, D) at box D, apix as above (a VolumeFiles if large)
+    mask: Optional[torch.Tensor] = None  # (D, D, D) the dataset's own FSC mask (CryoBench init_mask/mask.mrc)
     structure: Optional[str] = None
     source: str = ""
     meta: dict = field(default_factory=dict)
@@ -219,20 +221,56 @@ def _load_labels(path: str, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _load_gt_volumes(folder: str, n_states: int, D: int) -> torch.Tensor:
-    p = Path(folder)
-    files = sorted(f for f in p.glob("*.mrc")) if p.is_dir() else []
+def _read_gt_volume(f, D: int) -> torch.Tensor:
+    v, _ = read_mrc(f)
+    if v.ndim != 3 or len(set(v.shape)) != 1:
+        raise InputError(f"{f}: ground-truth volume has shape {v.shape}; expected a cubic (D, D, D) map")
+    return fourier_crop_3d(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)), D)  # (D, D, D)
+
+
+class VolumeFiles:
+    """Ground-truth volumes read from their files on each access, for sets too large for memory (Spike-MD
+    has one per image): indexes like an (S, D, D, D) tensor (``len``, ``[s]``, iteration, ``shape``)."""
+
+    def __init__(self, files: list, D: int):
+        self.files, self.D = [str(f) for f in files], D
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, s: int) -> torch.Tensor:
+        return _read_gt_volume(self.files[int(s)], self.D)
+
+    def __iter__(self):
+        return (self[s] for s in range(len(self)))
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.files), self.D, self.D, self.D)
+
+
+def _load_gt_volumes(folder, n_states: int, D: int, memory_cap_gb: float = float("inf")):
+    """Volumes of ``folder`` (its ``*.mrc`` in name order) or of a list of files, Fourier-cropped to ``D``
+    → (S, D, D, D), or a :class:`VolumeFiles` when they would exceed ``memory_cap_gb``."""
+    if isinstance(folder, (list, tuple)):
+        p, files = Path(folder[0]).parent, [Path(f) for f in folder]
+    else:
+        p = Path(folder)
+        files = sorted(f for f in p.glob("*.mrc")) if p.is_dir() else []
     if not files:
         raise InputError(f"data.gt_volumes: no .mrc files in {p}; pass a folder of one volume per state in label order")
     if n_states and len(files) != n_states:
         raise InputError(f"data.gt_volumes: {p} holds {len(files)} volumes but the labels name {n_states} states")
-    vols = []
-    for f in files:
-        v, _ = read_mrc(f)
-        if v.ndim != 3 or len(set(v.shape)) != 1:
-            raise InputError(f"{f}: ground-truth volume has shape {v.shape}; expected a cubic (D, D, D) map")
-        vols.append(fourier_crop_3d(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)), D))
-    return torch.stack(vols)  # (S, D, D, D)
+    if len(files) * D**3 * 4 > memory_cap_gb * 2**30:
+        _read_gt_volume(files[0], D)  # fail now, not at scoring time, if the files are not volumes
+        return VolumeFiles(files, D)
+    return torch.stack([_read_gt_volume(f, D) for f in files])  # (S, D, D, D)
+
+
+def _load_mask(path: str, D0: int, D: int) -> torch.Tensor:
+    """A dataset's FSC mask at the volumes' box ``D0``, resampled to ``D`` like the volumes and kept in [0, 1]."""
+    mask = torch.from_numpy(read_mask(path, D0))  # (D0, D0, D0)
+    return fourier_crop_3d(mask, D).clamp(0.0, 1.0)  # (D, D, D)
 
 
 class ParticleDataModule(L.LightningDataModule):
@@ -254,6 +292,14 @@ class ParticleDataModule(L.LightningDataModule):
             particles=cfg.particles, poses=cfg.poses, ctf=cfg.ctf, labels=cfg.labels,
             gt_volumes=cfg.gt_volumes, structure=cfg.structure, meta={},
         )
+        if cfg.layout is not None:
+            if cfg.layout != "cryobench":
+                raise InputError(f"data.layout={cfg.layout!r} is unknown; use data.layout=cryobench (or leave it unset)")
+            if cfg.preset:
+                raise InputError("data.layout=cryobench reads data.root; unset data.preset (data.preset=null)")
+            if not cfg.root:
+                raise InputError("data.root is not set; pass data.root=/path/to/<dataset> (a CryoBench download folder)")
+            return files  # read by io/cryobench.py in setup
         if cfg.preset:
             from cryobench_lab.data.presets import ensure_dataset
 
@@ -278,9 +324,14 @@ class ParticleDataModule(L.LightningDataModule):
             return
         cfg = self.cfg
         files = self._resolve_files()
-        meta = load_particles(files["particles"], poses=files["poses"], ctf=files["ctf"], datadir=cfg.datadir, apix=cfg.apix)
+        if cfg.layout == "cryobench":
+            bench = load_cryobench(cfg.root, snr=cfg.snr, particles=cfg.particles, apix=cfg.apix)
+            meta, labels = bench.particles, bench.labels
+            files.update(bench.files, gt_volumes=bench.volume_files, meta={**bench.files, "root": bench.root, "invert": True})
+        else:
+            meta = load_particles(files["particles"], poses=files["poses"], ctf=files["ctf"], datadir=cfg.datadir, apix=cfg.apix)
+            labels = _load_labels(files["labels"], meta.images.n) if files["labels"] else None
         n = meta.images.n
-        labels = _load_labels(files["labels"], n) if files["labels"] else None
         D = cfg.box_size or meta.D
         if D % 2:
             raise InputError(f"data.box_size={D} is odd; choose an even box size")
@@ -293,9 +344,10 @@ class ParticleDataModule(L.LightningDataModule):
         self.dataset = ParticleDataset(meta, D, invert=invert, window=cfg.window, lazy=lazy, labels=labels)
         gt = None
         if files["gt_volumes"]:
-            gt = _load_gt_volumes(files["gt_volumes"], int(labels.max()) + 1 if labels is not None else 0, D)
+            gt = _load_gt_volumes(files["gt_volumes"], int(labels.max()) + 1 if labels is not None else 0, D, cfg.memory_cap_gb)
+        mask = _load_mask(files["mask"], meta.D, D) if files.get("mask") else None
         self.info = DatasetInfo(
-            n_particles=n, box_size=D, apix=meta.apix * meta.D / D, has_poses=meta.rot is not None,
+            n_particles=n, box_size=D, apix=meta.apix * meta.D / D, has_poses=meta.rot is not None, mask=mask,
             labels=labels, gt_volumes=gt, structure=files["structure"], source=str(files["particles"]),
             meta=files["meta"],
         )

@@ -26,9 +26,25 @@ key                        unit   meaning
 ``nmi``                    —      normalised mutual information (arithmetic normalisation), same pairs
 ``n_empty_classes``        count  classes to which no image is assigned
 ``class_sizes``            list   images per class (K ints)
-``distance_corr``          —      Pearson r of predicted vs true inter-group centre distances (atoms)
+``distance_corr``          —      mean of the ``dist_corr_<a>_<b>`` below (atoms; NaN without groups)
 ``clashes_mean``           count  Cα pairs < 4 Å (same-chain neighbours excluded) per predicted structure
+``clashes_median``         count  its median over the predicted structures (≤ 500 evenly spaced images)
+``clashes_true_median``    count  the same count on each image's true structure (the floor to compare with)
+``dist_corr_<a>_<b>``      —      Pearson r over images of the centre distance of residue groups a and b
+                                  (``data.domains`` vs ``CORE``, else chain pairs), predicted vs true
+``segmentation_ari``       —      ARI between the model's residue segments and the residue groups
 =========================  =====  ====================================================================
+
+Atom keys (``distance_corr`` … ``segmentation_ari``) are written when the data carry per-state atomic
+models (``gt_structures``); ``distance_corr`` is then the mean of the ``dist_corr_<a>_<b>``. A metric a
+method cannot produce (classification without classes, atom metrics without atoms) is NaN under the same
+key (callbacks/evaluation.py), so every method writes the same keys on a dataset.
+
+When the dataset ships its own FSC mask (CryoBench's ``init_mask/mask.mrc``), the same volumes are also
+scored under it (CryoBench's masked variant) and every ``fsc_*`` key is repeated with a ``_masked`` suffix:
+``fsc_auc_mean_masked``, ``fsc_auc_std_masked``, ``fsc_auc_median_masked``, ``fsc_res_0.5_masked``,
+``fsc_res_0.143_masked``, ``fsc_image_auc_mean_masked``, ``fsc_image_auc_std_masked``,
+``fsc_image_auc_median_masked``.
 
 Non-scalar companions written to ``metrics.json``: ``per_state`` (per-state ``state``, ``class``,
 ``image``, ``auc``, ``res_0.5``, ``res_0.143``, ``freq`` cycles/px, ``curve``), ``per_image`` (``image``,
@@ -61,9 +77,18 @@ METRIC_KEYS: dict[str, str] = {
     "nmi": "normalised mutual information, assigned class vs ground-truth state",
     "n_empty_classes": "classes with no assigned image",
     "class_sizes": "images per class",
-    "distance_corr": "Pearson r, predicted vs true inter-group distances",
+    "distance_corr": "mean of the dist_corr_<a>_<b> (Pearson r of group centre distances)",
     "clashes_mean": "Cα clashes (< 4 Å, neighbours excluded) per predicted structure",
+    "clashes_median": "Cα clashes per predicted structure, median",
+    "clashes_true_median": "Cα clashes per true structure of the same images, median",
+    "dist_corr_<a>_<b>": "Pearson r over images of the centre distance of residue groups a, b (a pattern)",
+    "segmentation_ari": "ARI between the model's residue segments and the residue groups",
 }
+#: CryoBench reports FSCs unmasked and masked (its ``--mask init_mask/mask.mrc``); a dataset that ships a mask
+#: gets each FSC key again with this suffix, computed from the same decoded volumes under that mask.
+MASKED = "masked"
+METRIC_KEYS.update({f"{k}_{MASKED}": f"{v}, under the dataset's own mask" for k, v in list(METRIC_KEYS.items())
+                    if k.startswith("fsc_")})
 
 DecodeFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
@@ -126,6 +151,7 @@ def per_conformation_fsc(
     mask=None,
     batch_size: int = 8,
     on_volume: Callable[[int, torch.Tensor], None] | None = None,
+    variants: dict | None = None,
 ) -> dict:
     """CryoBench's per-conformation FSC: one decoded volume per ground-truth state.
 
@@ -134,6 +160,8 @@ def per_conformation_fsc(
     compared with ``gt_volumes[state]`` (FSC of metrics/fsc.py, optionally under ``mask``: (D, D, D) for all
     states or (S, D, D, D) per state). ``on_volume(state, volume (D, D, D))`` is called with each decoded
     volume (e.g. to write it), so the caller never decodes twice. Decoding runs ``batch_size`` at a time.
+    ``variants`` ({suffix: mask}) scores the same volumes again under other masks (e.g. CryoBench's masked
+    FSC with the dataset's ``init_mask``), adding ``fsc_auc_mean_<suffix>`` etc. and per-state ``auc_<suffix>``.
 
     Returns ``fsc_auc_mean``, ``fsc_auc_std``, ``fsc_auc_median``, ``fsc_res_0.5``, ``fsc_res_0.143`` (Å)
     and ``per_state`` (list of dicts: state, class, image, auc, res_0.5, res_0.143, freq, curve).
@@ -145,16 +173,20 @@ def per_conformation_fsc(
     per_state = []
     for rep, vol in zip(reps, _decode_batched(decode_fn, z, classes, batch_size)):
         s = rep["state"]
-        summary = fsc_summary(vol, gt_volumes[s], apix=apix, mask=_mask_for(mask, s))
+        gt = gt_volumes[s]
+        summary = fsc_summary(vol, gt, apix=apix, mask=_mask_for(mask, s))
+        for suffix, other in (variants or {}).items():
+            extra = fsc_summary(vol, gt, apix=apix, mask=_mask_for(other, s))
+            summary.update({f"{key}_{suffix}": extra[key] for key in ("auc", "res_0.5", "res_0.143")})
         per_state.append({"state": s, "class": rep["class"], "image": rep["image"], **summary})
         if on_volume is not None:
             on_volume(s, vol)
-    return {
-        **_spread([p["auc"] for p in per_state], "fsc_auc"),
-        "fsc_res_0.5": float(np.mean([p["res_0.5"] for p in per_state])),
-        "fsc_res_0.143": float(np.mean([p["res_0.143"] for p in per_state])),
-        "per_state": per_state,
-    }
+    out = {}
+    for suffix in [""] + [f"_{v}" for v in variants or {}]:
+        out.update({f"{k}{suffix}": v for k, v in _spread([p[f"auc{suffix}"] for p in per_state], "fsc_auc").items()})
+        out[f"fsc_res_0.5{suffix}"] = float(np.mean([p[f"res_0.5{suffix}"] for p in per_state]))
+        out[f"fsc_res_0.143{suffix}"] = float(np.mean([p[f"res_0.143{suffix}"] for p in per_state]))
+    return {**out, "per_state": per_state}
 
 
 def per_image_fsc(
@@ -167,21 +199,25 @@ def per_image_fsc(
     n: int = 100,
     mask=None,
     batch_size: int = 8,
+    variants: dict | None = None,
 ) -> dict:
     """CryoBench's per-image FSC: about ``n`` evenly spaced images, each decoded at its own latent.
 
-    Among the images with a known state (label >= 0), every s-th one (s = N_known // n, at least 1; the
-    first n of those) is decoded at its latent in its assigned class (argmax ``class_probs``; class 0
-    without classes) and compared with the ground-truth volume of its label. The AUC is taken on |FSC|,
-    as CryoBench's current code does. ``apix`` is accepted for a uniform call signature with
+    Among the images with a known state (label >= 0), every s-th one from the first (s = N_known // n, at
+    least 1) is decoded at its latent in its assigned class (argmax ``class_probs``; class 0 without
+    classes) and compared with the ground-truth volume of its label. That is CryoBench's
+    ``np.arange(0, N, N // n)``: about n images, more when N is not a multiple of n (N=335,240 and n=100
+    give 101). The AUC is taken on |FSC|, as CryoBench's current code does. ``variants`` ({suffix: mask})
+    adds ``fsc_image_auc_mean_<suffix>`` etc. and per-image ``auc_<suffix>`` from the same volumes. ``apix`` is accepted for a uniform call signature with
     :func:`per_conformation_fsc` (AUC is in cycles/px and needs no pixel size).
 
     Returns ``fsc_image_auc_mean``, ``fsc_image_auc_std``, ``fsc_image_auc_median`` and ``per_image``
     (list of dicts: image, state, class, auc).
     """
     labels, latent, class_probs = _check_inputs(labels, latent, class_probs, gt_volumes)
+    masks = {"auc": mask, **{f"auc_{k}": m for k, m in (variants or {}).items()}}
     known = torch.nonzero(labels >= 0).squeeze(1)  # (N_known,)
-    pick = known[:: max(len(known) // n, 1)][:n]  # (n,)
+    pick = known[:: max(len(known) // n, 1)]  # (≈ n,)
     all_classes = (
         class_probs.argmax(1) if class_probs is not None else torch.zeros(len(labels), dtype=torch.long)
     )
@@ -193,19 +229,28 @@ def per_image_fsc(
         pairs = sorted(set(zip(classes.tolist(), states.tolist())))
         uniq = sorted({c for c, _ in pairs})
         vols = dict(zip(uniq, _decode_batched(decode_fn, None, torch.tensor(uniq), batch_size)))
-        auc = {(c, s): fsc_auc(*_abs_fsc(vols[c], gt_volumes[s], _mask_for(mask, s))) for c, s in pairs}
+        auc = {(c, s): _image_aucs(vols[c], gt_volumes[s], s, masks) for c, s in pairs}
         aucs = [auc[(c, s)] for c, s in zip(classes.tolist(), states.tolist())]
     else:
         z = assigned_latent(latent, class_probs)[pick]  # (n, d)
         aucs = [
-            fsc_auc(*_abs_fsc(vol, gt_volumes[s], _mask_for(mask, s)))
+            _image_aucs(vol, gt_volumes[s], s, masks)
             for vol, s in zip(_decode_batched(decode_fn, z, classes, batch_size), states.tolist())
         ]
     per_image = [
-        {"image": int(i), "state": int(s), "class": int(c), "auc": a}
+        {"image": int(i), "state": int(s), "class": int(c), **a}
         for i, s, c, a in zip(pick.tolist(), states.tolist(), classes.tolist(), aucs)
     ]
-    return {**_spread(aucs, "fsc_image_auc"), "per_image": per_image}
+    out = {}
+    for key in masks:
+        spread = _spread([a[key] for a in aucs], "fsc_image_auc")
+        out.update({f"{k}{key[3:]}": v for k, v in spread.items()})
+    return {**out, "per_image": per_image}
+
+
+def _image_aucs(vol, gt, state: int, masks: dict) -> dict:
+    """``{"auc": …, "auc_<suffix>": …}``: AUC on |FSC| of one decoded volume under each mask."""
+    return {key: fsc_auc(*_abs_fsc(vol, gt, _mask_for(m, state))) for key, m in masks.items()}
 
 
 def _abs_fsc(vol, gt, mask):
