@@ -107,9 +107,6 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
-    # Set by `+smoke=true` (conf/smoke/true.yaml): an experiment's CPU-sized shrink. Experiment configs pick
-    # values with the resolver ${smoke:<full>,<smoke>}.
-    smoke: bool = False
     # sweeps (sweeps.py): skip a run whose output_dir holds a complete metrics.json of the same config
     skip_finished: bool = False
     threads: Optional[int] = None  # torch intra-op threads of this run (None: torch's default)
@@ -120,7 +117,15 @@ def _smoke(full, small, *, _root_):
     return small if _root_.get("smoke", False) else full
 
 
+def _smoke(full, small, *, _root_):
+    """``${smoke:<full>,<small>}``: ``small`` when the run was started with ``+smoke=true`` (which adds the
+    top-level key ``smoke``; experiment configs shrink to a CPU run that way), else ``full``."""
+    return small if _root_.get("smoke", False) else full
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("smoke"):
+        OmegaConf.register_new_resolver("smoke", _smoke)
     if not OmegaConf.has_resolver("smoke"):
         OmegaConf.register_new_resolver("smoke", _smoke)
