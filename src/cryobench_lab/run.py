@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
+from cryobench_lab.sweeps import config_hash, finished_metrics, in_multirun, prepare_ddp_relaunch, record_failure
 
 
 def _check_model_keys(model_cfg: DictConfig) -> None:
@@ -102,6 +103,13 @@ def _trainer_kwargs(cfg: DictConfig, default_epochs: int) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; returns the metrics written to ``metrics.json``."""
     out_dir = Path(cfg.output_dir)
+    if cfg.skip_finished and (done := finished_metrics(out_dir, cfg)) is not None:
+        print(f"[cryobench_lab] skipped: {out_dir}/metrics.json is complete for this config", file=sys.stderr)
+        return done
+    if cfg.threads:  # a sweep's parallel jobs share the cores (conf/hydra/launcher/joblib_local.yaml)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     created = not (out_dir / "metrics.json").exists()
     try:
         _check_model_keys(cfg.model)
@@ -113,6 +121,9 @@ def run(cfg: DictConfig) -> dict:
     except InputError:
         if created:  # no partial run folder for a run that never started
             _remove_failed_run(out_dir)
+        if in_multirun():  # one job that cannot run does not stop the sweep (sweeps.py)
+            record_failure(out_dir, str(sys.exc_info()[1]))
+            return {}
         raise
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     m = cfg.metrics
@@ -120,12 +131,15 @@ def run(cfg: DictConfig) -> dict:
         datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures),
         eval_every=m.eval_every, header={"dataset": cfg.data.name, "seed": cfg.seed},
     )
+    evaluation.header["config_hash"] = config_hash(cfg)  # what makes metrics.json complete for a sweep
+    prepare_ddp_relaunch(out_dir)
     trainer = L.Trainer(
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
         logger=build_loggers(cfg, out_dir) or False,
         callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation],
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
     trainer.fit(model, datamodule=datamodule)
     _print_summary(evaluation.metrics, out_dir)

@@ -167,6 +167,8 @@ class EvaluationCallback(L.Callback):
         self.t_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:  # DDP: intermediate scores on rank 0 only, like the final ones
+            return
         epoch = trainer.current_epoch + 1
         if self.eval_every and epoch % self.eval_every == 0 and epoch < trainer.max_epochs:
             options = ScoreOptions(self.options.fsc_mask, per_image_n=0, save_volumes=False, figures=False)
@@ -175,6 +177,8 @@ class EvaluationCallback(L.Callback):
                 logger.log_metrics(scalar_metrics(metrics), step=trainer.global_step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:  # DDP: rank 0 holds the whole (synchronised) model and scores alone
+            return
         wall = time.perf_counter() - self.t_start
         info = self.datamodule.info
         metrics, figures = score_model(pl_module, self.datamodule, self.out_dir, self.options)

@@ -373,7 +373,9 @@ class ParticleDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_indices, shuffle=True)
+        from cryobench_lab.data.samplers import training_loader  # data.shuffle=chunked; DDP shards batches
+
+        return training_loader(self, self.train_indices)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_indices, shuffle=False)

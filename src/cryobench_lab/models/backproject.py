@@ -40,6 +40,7 @@ class Backprojection(ReconstructionModule):
     """Per-state (oracle) or consensus Wiener backprojection; see the module docstring."""
 
     default_epochs = 1
+    rank_summed_buffers = ("num", "den")  # DDP: summed over ranks each epoch (callbacks/distributed.py)
 
     def __init__(
         self,
