@@ -134,3 +134,74 @@ def atom_metrics(
         "clashes": clashes.tolist(),
         "clashes_true_mean": float(clashes_true.double().mean()),
     }
+
+
+def residue_groups(residue_numbers, chain_ids, domains: dict | None = None) -> tuple[list[str], list, list]:
+    """Residue groups for the distance correlation → (group names, groups, pairs).
+
+    With ``domains`` ({name: [first, last] residue number}, inclusive, every chain): one group per domain
+    plus ``CORE`` (every other residue, group 0), and the pairs (domain, CORE) — the cryoSPHERE protocol on
+    AdK (LID–CORE, NMP–CORE). Without domains and with several chains: one group per chain and every chain
+    pair (rigid subunit motion). One chain and no domains: no groups (nothing to correlate).
+    residue_numbers, chain_ids (n_res,) as in :class:`cryobench_lab.io.structures.Structure`.
+    """
+    numbers = np.asarray(residue_numbers)
+    if domains:
+        labels = np.zeros(len(numbers), np.int64)
+        for k, (name, bounds) in enumerate(domains.items(), start=1):
+            lo, hi = bounds
+            inside = (numbers >= lo) & (numbers <= hi)
+            if not inside.any():
+                raise InputError(
+                    f"data.domains.{name}: residues {lo}-{hi} match no residue of the structure "
+                    f"(numbers {numbers.min()}-{numbers.max()}); fix the range or drop the domain"
+                )
+            labels[inside] = k
+        names = ["CORE", *domains]
+        groups = [np.flatnonzero(labels == k) for k in range(len(names))]
+        if groups[0].size == 0:
+            raise InputError("data.domains: the domains cover every residue, so CORE is empty; leave a CORE")
+        return names, groups, [(k, 0) for k in range(1, len(names))]
+    chains = np.asarray(chain_ids)
+    names = list(dict.fromkeys(chains.tolist()))  # file order
+    if len(names) < 2:
+        return [], [], []
+    groups = [np.flatnonzero(chains == c) for c in names]
+    return names, groups, list(combinations(range(len(names)), 2))
+
+
+def per_image_atom_metrics(
+    pred_coords,
+    true_coords,
+    names: Sequence[str],
+    groups: Sequence,
+    pairs: Sequence[tuple[int, int]],
+    chain_ids=None,
+    clash_rows=None,
+) -> dict:
+    """Atom metrics of per-image predicted structures against the true structure of each image's state.
+
+    pred_coords, true_coords (N, n_res, 3) Å (row i: image i's prediction and its state's truth); names/
+    groups/pairs from :func:`residue_groups`; chain_ids (n_res,); clash_rows: rows whose clashes are counted
+    (default all; clash counting is O(n_res²) per structure). Returns ``dist_corr_<a>_<b>`` per pair
+    (Pearson r over images of the two groups' centre distance), ``distance_corr`` (mean of those, NaN
+    without pairs), ``clashes_mean`` and ``clashes_median`` (per predicted structure) and
+    ``clashes_true_median`` (the true structures' own count, the floor to compare with).
+    """
+    out: dict = {}
+    if pairs:
+        d_pred = centre_of_mass_distances(pred_coords, groups, pairs)  # (N, P)
+        d_true = centre_of_mass_distances(true_coords, groups, pairs)
+        corrs = [distance_correlation(d_pred[:, p], d_true[:, p]) for p in range(len(pairs))]
+        for (a, b), r in zip(pairs, corrs):
+            out[f"dist_corr_{names[a]}_{names[b]}"] = r
+        out["distance_corr"] = float(np.mean(corrs))
+    else:
+        out["distance_corr"] = float("nan")
+    rows = slice(None) if clash_rows is None else torch.as_tensor(np.asarray(clash_rows), dtype=torch.long)
+    clashes = count_clashes(_tensor(pred_coords, torch.float32)[rows], chain_ids).double()  # (M,)
+    true_clashes = count_clashes(_tensor(true_coords, torch.float32)[rows], chain_ids).double()
+    out["clashes_mean"] = float(clashes.mean())
+    out["clashes_median"] = float(clashes.median())
+    out["clashes_true_median"] = float(true_clashes.median())
+    return out

@@ -8,6 +8,18 @@ Evaluation never special-cases a method: it calls
 
 A method without a latent returns ``latent=None``; a method without classes returns ``class_probs=None``
 (one class).
+
+Atom hooks (optional; the defaults return None = "no atoms"):
+
+- :meth:`ReconstructionModule.structure` on latents → per-residue (Cα/C1′) coordinates (M, n_res, 3) Å in
+  the box frame, residues in the order of the data's structures. When the dataset carries per-state atomic
+  models (``DatasetInfo.gt_structures``), the scorer (callbacks/evaluation.py ``atom_scores``) calls it on
+  every labelled image's latent and computes the distance correlation of the residue groups
+  (``DatasetInfo.domains``, else chains) and the Cα clashes against each image's true state;
+- :meth:`ReconstructionModule.segment_labels` → the segment of each residue (n_res,), scored by ARI
+  against those residue groups.
+
+A method never computes metrics itself; a metric it cannot produce is written as NaN under the same key.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 from typing import Optional
 
 import lightning as L
+import numpy as np
 import torch
 
 from cryobench_lab.data.particles import DatasetInfo
@@ -55,6 +68,14 @@ class ReconstructionModule(L.LightningModule):
     def decode(self, latent: Optional[torch.Tensor], classes: Optional[torch.Tensor]) -> torch.Tensor:
         """Volumes (M, D, D, D) for M latents (M, d) and/or class indices (M,)."""
         raise NotImplementedError
+
+    def structure(self, latent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Residue coordinates (M, n_res, 3) Å (box frame) for latents (M, d); None: the method has no atoms."""
+        return None
+
+    def segment_labels(self) -> Optional[np.ndarray]:
+        """Segment index of each residue (n_res,) int64; None: the method has no segmentation."""
+        return None
 
     @torch.no_grad()
     def embed_all(self, loader) -> dict:

@@ -38,8 +38,6 @@ values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; th
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import gemmi
@@ -49,9 +47,6 @@ from torch import nn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
-from cryobench_lab.io.structures import read_structure
-from cryobench_lab.metrics.atoms import centre_of_mass_distances, count_clashes, distance_correlation
-from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
     local_frames,
@@ -116,7 +111,6 @@ class SegmentVAE(ReconstructionModule):
         clash_threshold: float = 4.0,
         epochs: int = 30,
         traversal_steps: int = 10,
-        domains: dict | None = None,
         seed: int = 0,
     ):
         super().__init__(info, name)
@@ -256,9 +250,11 @@ class SegmentVAE(ReconstructionModule):
         return {"latent": mu, "class_probs": None}
 
     @torch.no_grad()
-    def structure(self, latent: torch.Tensor) -> torch.Tensor:
+    def structure(self, latent: torch.Tensor | None) -> torch.Tensor:
         """Residue (Cα/C1′) coordinates for latents (M, d) → (M, n_res, 3) Å in the box frame (box centre 0),
-        residues in the base file's order."""
+        residues in the base file's order; None: the latent prior's mean (one structure)."""
+        if latent is None:
+            latent = torch.zeros(1, self.hparams.latent_dim)
         out = [self.deform(z.to(self.coords0.device)) + self.offset for z in latent.split(256)]
         return torch.cat(out)
 
@@ -269,10 +265,10 @@ class SegmentVAE(ReconstructionModule):
         coords = self.structure(latent)  # (M, n, 3)
         return torch.stack([voxelize_gaussians(c, self.sigmas, self.amplitudes, self.D, self.apix) for c in coords])
 
-    def segment_labels(self) -> np.ndarray:
-        """Segment of each residue (posterior means), (n_res,) int64; per_residue: the residue's own row."""
+    def segment_labels(self) -> np.ndarray | None:
+        """Segment of each residue (posterior means), (n_res,) int64; None for per_residue (no segments)."""
         if self.segmentation is None:
-            return np.arange(self.base.n_residues)
+            return None
         with torch.no_grad():
             return self.segmentation.labels().cpu().numpy()
 
@@ -294,7 +290,8 @@ class SegmentVAE(ReconstructionModule):
         emb = self.embed_all(datamodule.all_dataloader())
         z = emb["latent"][torch.argsort(emb["index"])]  # (N, d) in particle order
         np.save(out_dir / "z.npy", z.numpy())
-        labels = self.segment_labels().astype(float)
+        segments = self.segment_labels()
+        labels = (segments if segments is not None else np.arange(self.base.n_residues)).astype(float)
         write_trace_models(out_dir / "segmentation.pdb", self.base.structure, (self.coords0 + self.offset)[None].cpu().numpy(), labels)
         write_trace_models(out_dir / "images.pdb", self.base.structure, self.structure(z[:n_images]).cpu().numpy(), labels)
         zc = z - z.mean(0)
@@ -305,62 +302,9 @@ class SegmentVAE(ReconstructionModule):
         traversal = z.mean(0) + steps[:, None] * axis
         write_trace_models(out_dir / "traversal.pdb", self.base.structure, self.structure(traversal).cpu().numpy(), labels)
         written = {"dir": str(out_dir), "files": ["segmentation.pdb", "images.pdb", "traversal.pdb", "z.npy"]}
-        atoms = self.atom_scores(z)
-        if atoms is not None:
-            (out_dir / "atoms.json").write_text(json.dumps(atoms, indent=1))
-            written["files"].append("atoms.json")
-            print("[cryobench_lab] " + self.method_name + ": " + "  ".join(
-                f"{k}={v:.4g}" for k, v in atoms.items() if isinstance(v, float)), file=sys.stderr)
         if was_training:
             self.train()
         return written
-
-    def domain_labels(self) -> np.ndarray | None:
-        """Domain of each residue from ``domains`` ({name: [first, last] residue numbers}); the rest is
-        ``CORE`` (label 0). None without domains or when a domain matches no residue."""
-        if not self.hparams.domains:
-            return None
-        numbers = self.base.structure.residue_numbers
-        labels = np.zeros(len(numbers), np.int64)
-        for k, (lo, hi) in enumerate(self.hparams.domains.values(), start=1):
-            inside = (numbers >= lo) & (numbers <= hi)
-            if not inside.any():
-                return None
-            labels[inside] = k
-        return labels
-
-    @torch.no_grad()
-    def atom_scores(self, z: torch.Tensor) -> dict | None:
-        """Atom metrics for latents z (N, d) of the particles in order, when the data have per-state
-        structures next to the base (``state_XXX.*``, as the presets write) and ``domains`` are set:
-        per-image centre-of-mass distance correlation of each domain to CORE (predicted vs the image's true
-        state), clashes (median per predicted structure vs the base's), ARI of the segmentation vs domains."""
-        domains = self.domain_labels()
-        if domains is None or self.info.labels is None or not self.info.structure:
-            return None
-        files = sorted(Path(self.info.structure).parent.glob("state_*.*"))
-        if len(files) < self.info.n_states:
-            return None
-        truth = np.stack([read_structure(f).residue_coords for f in files[: self.info.n_states]])  # (S, n, 3)
-        if truth.shape[1] != self.base.n_residues:
-            return None
-        labels = np.asarray(self.info.labels)
-        known = labels >= 0
-        pred = self.structure(z[torch.from_numpy(known)]).cpu()  # (N', n, 3)
-        true = torch.from_numpy(truth[labels[known]])
-        groups = [np.flatnonzero(domains == k) for k in range(domains.max() + 1)]
-        scores: dict = {}
-        for k, name in enumerate(self.hparams.domains, start=1):
-            d_pred = centre_of_mass_distances(pred, groups, pairs=[(k, 0)])
-            d_true = centre_of_mass_distances(true, groups, pairs=[(k, 0)])
-            scores[f"distance_corr_{name}_CORE"] = distance_correlation(d_pred, d_true)
-        chains = self.base.chain_ids
-        scores["clashes_median"] = float(count_clashes(pred, chains).double().median())
-        scores["clashes_base"] = float(count_clashes(self.coords0.cpu(), chains))
-        scores["clashes_true_median"] = float(count_clashes(torch.from_numpy(truth), chains).double().median())
-        if self.segmentation is not None:
-            scores["segmentation_ari"] = float(classification_metrics(self.segment_labels(), domains)["ari"])
-        return scores
 
 
 def write_trace_models(path: Path, structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
