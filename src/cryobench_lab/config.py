@@ -123,8 +123,25 @@ def _smoke(full, small, *, _root_):
     return small if _root_.get("smoke", False) else full
 
 
+def _job_dirname(dirname: str) -> str:
+    """``${job_dirname:${hydra.job.override_dirname}}``: a sweep job's folder name from its overrides, usable
+    as one path component: a value holding a path becomes its last component plus a hash of the whole path."""
+    import hashlib
+
+    def one(item: str) -> str:
+        key, sep, value = item.partition("=")
+        if "/" in value:
+            value = f"{value.rstrip('/').split('/')[-1]}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+        return f"{key}{sep}{value}"
+
+    name = ",".join(one(item) for item in dirname.split(",")) if dirname else "default"
+    return name if len(name) <= 200 else f"{name[:180]}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", _job_dirname)
     if not OmegaConf.has_resolver("smoke"):
         OmegaConf.register_new_resolver("smoke", _smoke)
     if not OmegaConf.has_resolver("smoke"):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cryobench_lab.callbacks import distributed  # noqa: F401  registers strategy ddp_cryobench (conf/trainer/ddp.yaml)
+
 #: config keys that change how a run executes but not what it computes (dotted paths)
 EXECUTION_KEYS = (
     "output_dir", "skip_finished", "threads", "logger", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
