@@ -11,6 +11,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: help setup demo test test-full bench lint clean
 
+# ---- studies (conf/sweep/*.yaml): sweep, then compare. SIZE=tiny shrinks a study to minutes;
+# SWEEP_ARGS narrows or extends the grid, e.g. SWEEP_ARGS="model=segvae,segvae_fixedseg seed=0,1 data.snr=0.1".
+# Re-running a target skips the finished runs. Outputs: $(SWEEPS)/<study>/ and $(SWEEPS)/<study>/compare/.
+SWEEPS ?= multirun
+SIZE ?=
+SWEEP_ARGS ?=
+.PHONY: sweep-segmentation sweep-segment-count sweep-hydra sweep-partgmm sweep-leaderboard
+sweep-segmentation sweep-segment-count sweep-hydra sweep-partgmm sweep-leaderboard: setup
+	CRYOBENCH_SWEEPS=$(SWEEPS) $(BIN)/python -m cryobench_lab -m +sweep=$(STUDY_$@) $(if $(SIZE),+size=$(SIZE)) $(SWEEP_ARGS)
+	$(BIN)/python -m cryobench_lab.compare $(SWEEPS)/$(STUDY_$@)
+STUDY_sweep-segmentation := segmentation_ablation
+STUDY_sweep-segment-count := segment_count
+STUDY_sweep-hydra := hydra_kd
+STUDY_sweep-partgmm := partgmm_ablation
+STUDY_sweep-leaderboard := leaderboard
+
 help:
 	@echo "make demo       set up, then run the oracle reconstruction on the built-in tomotwin3 dataset"
 	@echo "make test       set up, then run the fast test suite (~10 min on 2 CPU cores)"
@@ -18,6 +34,7 @@ help:
 	@echo "make bench      run the benchmark scripts (results go to BENCHMARKS.md by hand)"
 	@echo "make lint       ruff"
 	@echo "make clean      remove the venv, outputs and caches"
+	@echo "make sweep-segmentation [SIZE=tiny] [SWEEP_ARGS=...]  a study, then its comparison (also sweep-hydra, sweep-partgmm, sweep-segment-count, sweep-leaderboard)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
