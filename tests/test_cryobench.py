@@ -1,0 +1,226 @@
+"""CryoBench datasets: the reader of the published layout (on a simulator-written replica), its errors, the
+experiment configs and their +smoke shrink, the masked / per-image protocol details, and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cryobench_lab.config import DataConfig
+from cryobench_lab.data.particles import ParticleDataModule, VolumeFiles, _load_gt_volumes
+from cryobench_lab.errors import InputError
+from cryobench_lab.io.cryobench import STORED_GRID_FACTOR, load_cryobench, write_cryobench_layout
+from cryobench_lab.io.pickles import load_ctf, load_pickle, save_ctf, save_pickle
+from cryobench_lab.metrics.fsc import fsc, fsc_auc
+
+D, N_STATES, PER_STATE = 32, 3, 40
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory) -> Path:
+    """3 distinct atom clouds × 40 noise-free images at D=32 (with CTF and shifts), in CryoBench's layout."""
+    from cryobench_lab.data.simulate import State, simulate_dataset
+
+    rng = np.random.default_rng(0)
+    states = [State(f"cloud{k}", rng.normal(scale=[9, 6, 4], size=(150, 3)) @ _rotation(k), np.full(150, 6))
+              for k in range(N_STATES)]
+    tmp = tmp_path_factory.mktemp("cryobench")
+    folder = simulate_dataset(states, tmp / "sim", box_size=D, apix=2.5, n_particles_per_state=PER_STATE,
+                              snr=None, seed=1, progress=False)
+    return write_cryobench_layout(folder, tmp / "IgG-1D")
+
+
+def _rotation(k: int) -> np.ndarray:
+    a = np.pi / 3 * k
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+def _datamodule(root, **kw) -> ParticleDataModule:
+    cfg = OmegaConf.structured(DataConfig(name="cryobench_igg1d", layout="cryobench", root=str(root), **kw))
+    dm = ParticleDataModule(cfg)
+    dm.setup()
+    return dm
+
+
+def test_layout_written_like_the_download(replica):
+    assert (replica / "images" / "snrinf" / f"sorted_particles.{D}.txt").is_file()
+    names = (replica / "images" / "snrinf" / f"sorted_particles.{D}.txt").read_text().split()
+    assert len(names) == N_STATES and all((replica / "images" / "snrinf" / n).is_file() for n in names)
+    labels = load_pickle(replica / "gt_latents.pkl")
+    assert np.array_equal(labels, np.repeat(np.arange(N_STATES), PER_STATE))  # state-contiguous, label order
+    ctf = load_ctf(replica / "combined_ctfs.pkl")
+    assert np.all(ctf[:, 0] == STORED_GRID_FACTOR * D) and np.allclose(ctf[:, 1], 2.5 / STORED_GRID_FACTOR)
+    assert len(list((replica / "vols" / f"{D}_org").glob("*.mrc"))) == N_STATES
+    assert (replica / "init_mask" / "mask.mrc").is_file()
+
+
+def test_reader_pairs_images_poses_ctf_and_labels(replica):
+    """Per-state backprojection from what the reader serves matches each state's own ground truth and not the
+    others': a mis-paired image, pose, CTF or label would blur or swap the reconstructions."""
+    from cryobench_lab.models.backproject import Backprojection
+
+    dm = _datamodule(replica, snr=None)
+    info = dm.info
+    assert info.apix == pytest.approx(2.5, rel=1e-5)  # 1.25 Å at the stored 64 px grid → 2.5 Å at 32 px
+    assert info.n_states == N_STATES and info.mask.shape == (D, D, D)
+    model = Backprojection(info)
+    for i, batch in enumerate(dm.all_dataloader()):
+        assert torch.all(batch["ctf"][:, 0] == D) and torch.allclose(batch["ctf"][:, 1], torch.tensor(2.5))
+        model.training_step(batch, i)
+    model.solve()
+    auc = np.array([[fsc_auc(*fsc(model.volumes[s], info.gt_volumes[t])) for t in range(N_STATES)]
+                    for s in range(N_STATES)])
+    perfect = (D // 2 - 1) / D
+    assert np.all(np.diag(auc) > 0.75 * perfect), auc
+    off = auc[~np.eye(N_STATES, dtype=bool)].reshape(N_STATES, -1)
+    assert np.all(np.diag(auc)[:, None] > off + 0.05), auc
+
+
+def test_reader_matches_an_explicit_stack_list_and_snr_folder(replica):
+    bench = load_cryobench(replica, snr=float("inf"))
+    assert bench.particles.n == N_STATES * PER_STATE and bench.particles.D == D
+    with pytest.raises(InputError, match="snr0.01.*set data.snr"):
+        load_cryobench(replica, snr=0.01)
+
+
+def _broken(replica: Path, tmp_path: Path, how) -> Path:
+    root = tmp_path / "IgG-1D"
+    shutil.copytree(replica, root)
+    how(root)
+    return root
+
+
+def _rows_changed(root: Path, name: str, rows: int):
+    value = load_pickle(root / name)
+    if name == "combined_ctfs.pkl":
+        save_ctf(root / name, value[:rows])
+    else:
+        save_pickle(root / name, value[:rows])
+
+
+BREAKS = {
+    "images/snrinf/sorted_particles.32.txt": lambda r: (r / "images/snrinf/sorted_particles.32.txt").unlink(),
+    "combined_poses.pkl": lambda r: (r / "combined_poses.pkl").unlink(),
+    "combined_ctfs.pkl": lambda r: _rows_changed(r, "combined_ctfs.pkl", 7),
+    "gt_latents.pkl": lambda r: (r / "gt_latents.pkl").unlink(),
+    "labels": lambda r: save_pickle(r / "gt_latents.pkl", np.random.default_rng(0).normal(size=(120, 8))),
+    "vols/32_org": lambda r: (r / "vols/32_org/002.mrc").unlink(),
+    "init_mask/mask.mrc": lambda r: (r / "init_mask/mask.mrc").unlink(),
+}
+
+
+@pytest.mark.parametrize("piece", sorted(BREAKS))
+def test_missing_or_malformed_piece_names_the_file_and_the_layout(replica, tmp_path, piece):
+    root = _broken(replica, tmp_path, BREAKS[piece])
+    with pytest.raises(InputError) as err:
+        _datamodule(root)
+    message = str(err.value)
+    assert "\n" not in message and "expected CryoBench layout" in message
+    assert piece.split("/")[-1] in message or "gt_latents.pkl" in message, message
+
+
+def test_gt_volumes_beyond_the_memory_cap_are_read_on_access(replica):
+    files = sorted((replica / "vols" / f"{D}_org").glob("*.mrc"))
+    eager = _load_gt_volumes([str(f) for f in files], N_STATES, 16)
+    lazy = _load_gt_volumes([str(f) for f in files], N_STATES, 16, memory_cap_gb=1e-9)
+    assert isinstance(lazy, VolumeFiles) and lazy.shape == tuple(eager.shape) and len(lazy) == N_STATES
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+
+def _compose(overrides):
+    from hydra import compose
+
+    return compose(config_name="train", overrides=overrides + ["output_dir=."])
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("cryobench_*.yaml"))
+
+
+def test_every_dataset_has_every_method_and_smoke_shrinks_each():
+    from hydra import initialize_config_dir
+
+    from cryobench_lab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        _check_experiments()
+
+
+def _check_experiments():
+    datasets = {"igg1d", "iggrl", "ribosembly", "tomotwin100", "spikemd"}
+    methods = {"backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae"}
+    assert {f"cryobench_{d}_{m}" for d in datasets for m in methods} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:
+        full = OmegaConf.to_container(_compose([f"experiment={name}", "data.root=/x", "model.structure=/s.pdb"]
+                                               if name.endswith("segvae") else [f"experiment={name}", "data.root=/x"]),
+                                      resolve=True)
+        smoke = OmegaConf.to_container(_compose([f"experiment={name}", "data.root=/x", "+smoke=true"]
+                                                + (["model.structure=/s.pdb"] if name.endswith("segvae") else [])),
+                                       resolve=True)
+        assert full["data"]["layout"] == "cryobench" and full["data"]["name"] in name
+        assert full["trainer"]["accelerator"] == "gpu" and full["data"]["box_size"] is None
+        assert smoke["trainer"]["accelerator"] == "cpu" and smoke["data"]["box_size"] == 32
+        assert smoke["trainer"]["max_steps"] > 0 and smoke["metrics"]["per_image_n"] < full["metrics"]["per_image_n"]
+        for key in ("hidden_dim", "epochs", "n_classes", "encoder_hidden", "decoder_hidden", "n_segments"):
+            if isinstance(full["model"].get(key), int):
+                assert smoke["model"][key] <= full["model"][key], (name, key)
+    paper = OmegaConf.to_container(_compose(["experiment=cryobench_igg1d_cryodrgn", "data.root=/x"]), resolve=True)
+    assert paper["model"]["hidden_dim"] == 1024 and paper["model"]["latent_dim"] == 8
+    assert paper["model"]["epochs"] == 50 and paper["data"]["batch_size"] == 8
+
+
+# ---- protocols -------------------------------------------------------------------------------------------
+
+def test_per_image_sampling_is_cryobench_arange_and_masked_variant_uses_the_mask():
+    from cryobench_lab.metrics.protocols import per_conformation_fsc, per_image_fsc
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 8, 8, 8, generator=g)
+    mask = torch.zeros(8, 8, 8)
+    mask[2:6, 2:6, 2:6] = 1.0
+    N = 335  # as Ribosembly's 335,240 images with n=100: N // n = 3, arange gives 112 images here
+    labels = torch.arange(N) % 2
+
+    def decode(z, classes):
+        return gt[classes] + 0.3 * torch.rand(len(classes), 8, 8, 8, generator=g)
+
+    probs = torch.nn.functional.one_hot(labels, 2).float()
+    img = per_image_fsc(decode, labels, None, probs, gt, 3.0, n=100, variants={"masked": mask})
+    assert [p["image"] for p in img["per_image"]] == np.arange(0, N, N // 100).tolist()
+    p = img["per_image"][0]
+    assert "auc_masked" in p and p["auc_masked"] != p["auc"]
+    conf = per_conformation_fsc(lambda z, c: gt[c], labels, None, probs, gt, 3.0, variants={"masked": mask})
+    freq, curve = fsc(gt[0] * mask, gt[0] * mask)
+    assert conf["fsc_auc_mean_masked"] == pytest.approx(fsc_auc(freq, curve))
+
+
+# ---- leaderboard -----------------------------------------------------------------------------------------
+
+def test_leaderboard_puts_runs_beside_published_numbers(tmp_path):
+    from cryobench_lab.leaderboard import PUBLISHED_LABEL, write_leaderboard
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"method": "cryodrgn", "box_size": 128, "n_particles": 100000,
+                                                  "val/fsc_auc_mean": 0.3712, "val/fsc_auc_std": 0.01,
+                                                  "val/fsc_auc_mean_masked": 0.4012, "val/ari": float("nan")}))
+    OmegaConf.save(OmegaConf.create({"data": {"name": "cryobench_igg1d", "root": "/data/IgG-1D"},
+                                     "model": {"name": "cryodrgn"}}), run / "config.yaml")
+    out = write_leaderboard([run], tmp_path / "board.md", tmp_path / "board.csv")
+    lines = out.read_text().splitlines()
+    published = next(i for i, line in enumerate(lines) if line.startswith("| cryoDRGN |"))
+    assert PUBLISHED_LABEL in lines[published] and "0.366" in lines[published]
+    assert lines[published + 1].startswith("| cryodrgn | this project, run here (D=128, 100000 images)")
+    assert "0.371 (masked 0.401)" in lines[published + 1]
+    assert "published, not re-run" in (tmp_path / "board.csv").read_text()
+    with pytest.raises(InputError, match="metrics.json"):
+        write_leaderboard([tmp_path / "nothing"], tmp_path / "x.md")
