@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from cryobench_lab.cli import CONF_DIR, check_overrides, fail
 from cryobench_lab.config import register_configs
-from cryobench_lab.errors import InputError
+from cryobench_lab.errors import InputError, TrainingError
 
 register_configs()
 
@@ -20,6 +20,8 @@ def _app(cfg: DictConfig) -> None:
         run(cfg)
     except InputError as err:
         fail(str(err))
+    except TrainingError as err:
+        fail(str(err), code=3)
 
 
 def main() -> None:

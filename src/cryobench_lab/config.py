@@ -107,6 +107,9 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
+    # None: continue from output_dir/checkpoints/last.ckpt when it exists; true: require it; false: start over
+    resume: Optional[bool] = None
+    on_nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (one-line error) | skip (count skipped steps)
     # sweeps (sweeps.py): skip a run whose output_dir holds a complete metrics.json of the same config
     skip_finished: bool = False
     threads: Optional[int] = None  # torch intra-op threads of this run (None: torch's default)

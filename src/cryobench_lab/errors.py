@@ -8,3 +8,10 @@ non-zero without a traceback.
 
 class InputError(ValueError):
     """A user-facing problem with an input file or a config value (one line: what, where, how to fix)."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on without producing an untrustworthy result (NaN/Inf loss, gradient or volume).
+
+    One line: what happened, where (step, file) and what to do; the entry point prints it and exits non-zero.
+    """

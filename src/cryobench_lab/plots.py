@@ -17,6 +17,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cryobench_lab.io.atomic import atomic_path
+
 #: up to this many states/labels get a legend with one distinct colour each; more get a colour bar
 MAX_LEGEND = 10
 
@@ -27,8 +29,8 @@ def _np(x) -> np.ndarray:
 
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # the temporary name keeps the suffix that picks the format
+        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
     return path
 
 

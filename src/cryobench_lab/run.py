@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
+from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions, write_json_atomic
+from cryobench_lab.callbacks.reliability import NONFINITE_MODES, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.sweeps import config_hash, finished_metrics, in_multirun, prepare_ddp_relaunch, record_failure
+from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.provenance import environment, fingerprints
 
 
 def _check_model_keys(model_cfg: DictConfig) -> None:
@@ -56,6 +62,109 @@ def _check_writable(out_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise InputError(f"output folder {out_dir} is not writable ({err.strerror}); set hydra.run.dir=<writable path>") from None
+
+
+def check_inputs_not_empty(data_cfg) -> None:
+    """A 0-byte input (an interrupted copy) fails with its name before any reader guesses at it."""
+    for key in ("particles", "poses", "ctf", "labels", "structure"):
+        path = data_cfg.get(key)
+        if path and Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise InputError(f"data.{key}: {path} is empty (0 bytes); re-copy or re-export it")
+
+
+SPACE_MARGIN = 64 * 2**20  # bytes for logs, figures and metrics
+
+
+def check_space(out_dir: Path, model, info) -> None:
+    """Fail before training when the output folder's disk cannot hold the run's outputs (a rough bound).
+
+    Checkpoints: the state dict plus two Adam moments per trainable parameter, three copies at once (last,
+    the epoch checkpoint and the temporary file of an atomic write); volumes: one float32 map per state.
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    volumes = max(info.n_states, 1) * info.box_size**3 * 4
+    need = 3 * (state + 2 * trainable) + 2 * volumes + SPACE_MARGIN
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise InputError(f"output folder {out_dir} has {free / 2**30:.2f} GB free but the run needs about "
+                         f"{need / 2**30:.2f} GB (checkpoints and volumes); free some space or set "
+                         "hydra.run.dir=<folder on a larger disk>")
+
+
+def _requested_gpus(devices, available: int) -> int:
+    if isinstance(devices, str):
+        if devices == "auto":
+            return max(available, 1)
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()])
+        devices = int(devices)
+    if isinstance(devices, int):
+        return max(available, 1) if devices == -1 else devices
+    return len(devices)  # a list of device ids
+
+
+def check_devices(trainer_cfg) -> None:
+    """Fail before any work when the trainer asks for more GPUs than torch can see."""
+    if str(trainer_cfg.accelerator) not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count()
+    devices = trainer_cfg.devices
+    devices = list(devices) if OmegaConf.is_list(devices) else devices
+    wanted = _requested_gpus(devices, available)
+    if wanted > available:
+        raise InputError(f"trainer.devices={devices} asks for {wanted} GPU(s) but this machine has {available}; "
+                         f"use trainer=cpu{f' or trainer.devices<={available}' if available else ''}")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to continue from (``checkpoints/last.ckpt``) or None; see ``TrainConfig.resume``.
+
+    A checkpoint of a run with other data, model or seed is refused; ``resume=false`` moves old checkpoints
+    aside (``checkpoints.replaced-<time>``) rather than deleting them.
+    """
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if cfg.resume is False:
+        if ckpt_dir.exists():
+            ckpt_dir.rename(out_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        return None
+    if not last.is_file():
+        if cfg.resume:
+            raise InputError(f"resume=true but {last} does not exist; pass hydra.run.dir=<the folder of the run "
+                             "to resume>")
+        return None
+    stored_path = out_dir / "config.yaml"
+    if stored_path.is_file():
+        stored = _flat(OmegaConf.to_container(OmegaConf.load(stored_path)))
+        now = _flat(OmegaConf.to_container(cfg, resolve=True))
+        for key in sorted(set(stored) | set(now)):
+            if key.split(".")[0] in ("data", "model", "seed") and stored.get(key) != now.get(key):
+                raise InputError(f"{out_dir} holds a run with {key}={stored.get(key)} (now {now.get(key)}); "
+                                 "resume with the same data, model and seed, or pass resume=false to start over")
+    return str(last)
+
+
+def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> None:
+    """``provenance.json``: versions and dataset fingerprints (provenance.py); a resume appends an entry and
+    is refused when the data changed since the run started."""
+    path = out_dir / "provenance.json"
+    record = {"versions": environment(), **prints, "resumes": []}
+    if resumed_from and path.is_file():
+        record = json.loads(path.read_text())
+        for key in ("dataset", "ground_truth"):
+            if record.get(key) != prints[key]:
+                raise InputError(f"{out_dir}: the {key.replace('_', ' ')} fingerprint differs from the one this "
+                                 "run started with (provenance.json); resume on the same files or pass "
+                                 "resume=false to start over")
+        record.setdefault("resumes", []).append({"checkpoint": resumed_from, "versions": environment()})
+    write_json_atomic(path, record)
 
 
 def wandb_mode() -> str:
@@ -113,11 +222,19 @@ def run(cfg: DictConfig) -> dict:
     created = not (out_dir / "metrics.json").exists()
     try:
         _check_model_keys(cfg.model)
+        if cfg.on_nonfinite not in NONFINITE_MODES:
+            raise InputError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; use stop or skip")
+        check_devices(cfg.trainer)
+        check_inputs_not_empty(cfg.data)
         _check_writable(out_dir)
+        ckpt_path = resume_checkpoint(cfg, out_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = ParticleDataModule(cfg.data, seed=cfg.seed)
         datamodule.setup()
         model = build_model(cfg, datamodule.info)
+        check_space(out_dir, model, datamodule.info)
+        prints = fingerprints(datamodule)
+        write_provenance(out_dir, prints, ckpt_path)
     except InputError:
         if created:  # no partial run folder for a run that never started
             _remove_failed_run(out_dir)
@@ -125,7 +242,9 @@ def run(cfg: DictConfig) -> dict:
             record_failure(out_dir, str(sys.exc_info()[1]))
             return {}
         raise
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    with atomic_path(out_dir / "config.yaml") as tmp:
+        OmegaConf.save(cfg, tmp, resolve=True)
+    guard = ReliabilityCallback(prints, cfg.on_nonfinite)
     m = cfg.metrics
     evaluation = EvaluationCallback(
         datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures),
@@ -137,18 +256,23 @@ def run(cfg: DictConfig) -> dict:
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
         logger=build_loggers(cfg, out_dir) or False,
-        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation],
+        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard],
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
-    trainer.fit(model, datamodule=datamodule)
+    if ckpt_path:
+        print(f"[cryobench_lab] resuming from {ckpt_path}", file=sys.stderr)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if evaluation.metrics:  # empty on DDP ranks other than 0, which score nothing
+        evaluation.metrics["train/skipped_steps"] = guard.skipped_steps
+        write_json_atomic(out_dir / "metrics.json", evaluation.metrics)
     _print_summary(evaluation.metrics, out_dir)
     return evaluation.metrics
 
 
 def _remove_failed_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's bookkeeping."""
-    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log"} if out_dir.exists() else set()
+    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log", "provenance.json"} if out_dir.exists() else set()
     if out_dir.exists() and not leftovers:
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -17,8 +17,6 @@ Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics`` and figur
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
@@ -39,11 +38,8 @@ MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
-from cryobench_lab.errors import InputError
+from cryobench_lab.errors import InputError, TrainingError
 from cryobench_lab.io.atomic import atomic_path
 
 _HEADER_BYTES = 1024
@@ -55,9 +55,13 @@ def write_mrc(
 ) -> None:
     """Write a map (or a single 2D image) as float32 MRC with voxel size ``apix`` Å, atomically.
 
-    ``origin`` (x, y, z) in Å goes into the header's origin field when given.
+    ``origin`` (x, y, z) in Å goes into the header's origin field when given. A map with NaN or Inf values
+    is refused (TrainingError): it can only come from a diverged computation and must never be a result.
     """
     data = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+    if not np.isfinite(data).all():
+        raise TrainingError(f"{path}: refusing to write a map with {int((~np.isfinite(data)).sum())} NaN/Inf "
+                            "values (a diverged model or reconstruction); nothing was written")
     with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = float(apix)
@@ -84,6 +88,8 @@ def _check_size(path: Path):
     """
     if not path.is_file():
         raise InputError(f"{path}: file not found; check the path (or pass data.datadir=)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty (0 bytes); re-copy or re-extract it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -67,6 +67,32 @@ def _agree(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
 
 
+def _refuse_reordered(star_rows: np.ndarray, pickle_rows: np.ndarray, star: Path, pickle, what: str) -> None:
+    """Refuse a pickle whose rows are the star file's rows in another order.
+
+    cryoDRGN pickles carry no image names, so rows cannot be paired by name; pairing them by position when
+    they were written in another order would silently give every image another particle's pose or CTF. A
+    pickle that differs from the star row by row is allowed (refined poses or CTF replace the star's) unless
+    every differing row equals some other star row, which only a reordering produces.
+    Rows are compared after scaling each column by its largest magnitude, within 1e-4.
+    """
+    a = star_rows.reshape(len(star_rows), -1).astype(np.float64)  # (N, C)
+    b = pickle_rows.reshape(len(pickle_rows), -1).astype(np.float64)  # (N, C)
+    scale = np.maximum(np.abs(a).max(0), 1e-12)
+    a, b = a / scale, b / scale
+    moved = np.flatnonzero(np.abs(a - b).max(1) > 1e-4)
+    if not len(moved):
+        return
+    from scipy.spatial import cKDTree
+
+    dist, match = cKDTree(b).query(a[moved], distance_upper_bound=1e-4 * a.shape[1] ** 0.5)
+    if np.isfinite(dist).all():
+        row = int(moved[0])
+        raise InputError(f"{pickle}: its {what} are the rows of {star} in another order ({len(moved)} rows "
+                         f"moved; star row {row + 1} is pickle row {int(match[0]) + 1}); the pickle has no image "
+                         f"names to pair by, so write it in the star's row order (or drop it)")
+
+
 def load_particles(
     particles: str | os.PathLike,
     poses: str | os.PathLike | None = None,
@@ -138,6 +164,8 @@ def load_particles(
 
     if poses is not None:
         rot, trans_px = load_poses(poses, n=n, D=D)
+        if star_df is not None and has_poses(star_df):
+            _refuse_reordered(poses_from_star(star_df, final_apix)[0], rot, path, poses, "poses")
     elif star_df is not None and has_poses(star_df):
         rot, trans_px = poses_from_star(star_df, final_apix)
     elif suffix == ".cs":
@@ -147,6 +175,9 @@ def load_particles(
 
     if ctf_pickle is not None:
         ctf_array = ctf_pickle
+        if star_df is not None and has_ctf(star_df):
+            star_ctf = ctf_from_star(star_df, D, final_apix)
+            _refuse_reordered(star_ctf[:, 2:5], ctf_pickle[:, 2:5], path, ctf, "CTF parameters")
     elif star_df is not None and has_ctf(star_df):
         ctf_array = ctf_from_star(star_df, D, final_apix)
     elif suffix == ".cs" and cs["ctf"] is not None:

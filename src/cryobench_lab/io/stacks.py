@@ -71,10 +71,23 @@ class ImageSource:
                 raise InputError(f"{where}{file} has {stack.D} px images but {self.files[0]} has "
                                  f"{self._stacks[0].D} px; all stacks must share one box size")
             self._stacks.append(stack)
+        self._refuse_duplicates(where)
         self.n = len(indices)
         self.D = self._stacks[0].D
         self.apix = self._stacks[0].apix  # the first particle's stack (ids follow first appearance)
         self._open: OrderedDict[int, None] = OrderedDict()  # file ids with an open handle, LRU order
+
+    def _refuse_duplicates(self, where: str) -> None:
+        """Two rows naming the same image of the same file are one particle counted twice (a merge gone
+        wrong); training would weight it double and the per-image tables could not tell the rows apart."""
+        key = self._file_ids * (int(self._indices.max()) + 1) + self._indices  # (N,) one id per image
+        order = np.argsort(key, kind="stable")
+        repeat = np.flatnonzero(key[order][1:] == key[order][:-1])
+        if len(repeat):
+            first, second = sorted((int(order[repeat[0]]), int(order[repeat[0] + 1])))
+            raise InputError(f"{where}rows {first + 1} and {second + 1} both name image {self._indices[first] + 1} "
+                             f"of {self.files[self._file_ids[first]]} ({len(repeat)} duplicate row(s) in all); "
+                             "remove the duplicates so each particle appears once")
 
     def __len__(self) -> int:
         return self.n

@@ -1,0 +1,125 @@
+"""Resume and divergence safety for every method, without model code: one Lightning callback.
+
+- **Resume**: each checkpoint also carries the global random states (torch, numpy, Python) and the run's
+  dataset fingerprints (provenance.py). Lightning itself restores the weights, optimiser states, per-image
+  tables (they are parameters or buffers), the epoch and the step; restoring the random states as well, with
+  the DataModule's epoch-seeded shuffle, makes a run resumed from an end-of-epoch checkpoint repeat exactly
+  what the uninterrupted run did next.
+- **Divergence guard**: before every optimiser step the gradients are checked, and after every batch the
+  returned loss. A NaN or Inf stops the run at once (``on_nonfinite=stop``, the default) with one line
+  naming the step and the last finite checkpoint, before the bad step reaches the weights, so no later
+  checkpoint or result is written from them. With ``on_nonfinite=skip`` the optimiser step is skipped instead
+  (its gradients are dropped, so Adam-style optimisers leave those parameters alone) and counted in
+  ``train/skipped_steps``; more than ``max_skipped`` skips in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from cryobench_lab.errors import TrainingError
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if t.is_sparse:
+        t = t.coalesce().values()
+    return bool(torch.isfinite(t).all())
+
+
+def rng_states() -> dict:
+    """Global random states as plain tensors, lists and ints (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(state), gauss],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+class ReliabilityCallback(L.Callback):
+    """Random states and fingerprints in checkpoints; NaN/Inf guard on gradients and losses."""
+
+    def __init__(self, fingerprints: dict | None = None, on_nonfinite: str = "stop", max_skipped: int = 100):
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
+        self.fingerprints = fingerprints or {}
+        self.mode = on_nonfinite
+        self.max_skipped = max_skipped
+        self.skipped_steps = 0
+        self._in_a_row = 0
+        self._skipping_batch = False
+
+    # ---- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["cryobench_lab"] = {"rng": rng_states(), **self.fingerprints}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        extra = checkpoint.get("cryobench_lab") or {}
+        if "rng" in extra:
+            set_rng_states(extra["rng"])
+
+    # ---- divergence guard ----------------------------------------------------------------------------
+    def _where(self, trainer) -> str:
+        return f"epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx} (global step {trainer.global_step})"
+
+    def _stop(self, trainer, what: str) -> None:
+        ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        last = ckpt or "none (no epoch finished yet)"
+        raise TrainingError(
+            f"{what} at {self._where(trainer)}; training stopped, nothing written from the diverged weights; "
+            f"last finite checkpoint: {last}; lower the learning rate and rerun with resume=true, or set "
+            "on_nonfinite=skip"
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._skipping_batch = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(_finite(p.grad) for p in params):
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        bad = next(names.get(id(p), "a parameter") for p in params if not _finite(p.grad))
+        if self.mode == "stop":
+            self._stop(trainer, f"NaN/Inf gradient of {bad}")
+        for p in params:
+            p.grad = None  # optimisers skip parameters without a gradient
+        if not self._skipping_batch:
+            self._skipping_batch = True
+            self.skipped_steps += 1
+            self._in_a_row += 1
+            if self._in_a_row > self.max_skipped:
+                self._stop(trainer, f"{self._in_a_row} batches in a row with NaN/Inf gradients")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not _finite(loss.detach()):
+            if self.mode == "stop":
+                self._stop(trainer, f"NaN/Inf loss ({float(loss.detach().float().reshape(-1)[0])})")
+            if not self._skipping_batch:
+                self.skipped_steps += 1
+                self._in_a_row += 1
+            return
+        if not self._skipping_batch:
+            self._in_a_row = 0
