@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions, write_json_atomic
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
@@ -260,9 +261,12 @@ def run(cfg: DictConfig) -> dict:
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
+    trainer.callbacks.append(SumBuffersAcrossRanks())  # DDP: accumulator methods sum over ranks
     if ckpt_path:
         print(f"[cryobench_lab] resuming from {ckpt_path}", file=sys.stderr)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.global_rank != 0:  # DDP: only rank 0 scores and writes (callbacks/evaluation.py)
+        return {}
     if evaluation.metrics:  # empty on DDP ranks other than 0, which score nothing
         evaluation.metrics["train/skipped_steps"] = guard.skipped_steps
         write_json_atomic(out_dir / "metrics.json", evaluation.metrics)
