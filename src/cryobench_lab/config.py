@@ -99,12 +99,36 @@ class MetricsConfig:
 
 
 @dataclass
+class PosesConfig:
+    """Where poses come from (conf/poses): the data's (``given``) or a search (``search``, ab initio).
+
+    The search keys are cryobench_lab.poses.source.PoseSchedule's and cryobench_lab.poses.search.SearchConfig's.
+    """
+
+    source: str = "given"  # given | search
+    pretrain_epochs: int = 1  # epochs with random poses before the first search
+    global_epochs: int = 2  # epochs whose first pass over an image searches all of SO(3) × shifts
+    local_epochs: int = 2  # then epochs of local search around the current poses; SGD refinement after
+    local_step_deg: float = 3.75
+    render_every: int = 4  # searched batches between renders of the fields
+    lr_rot: float = 0.01  # refinement rates: radians, px
+    lr_trans: float = 0.1
+    base_spacing_deg: float = 15.0  # global grid (≈4.4k rotations)
+    levels: int = 3  # coarse-to-fine levels of the global search, each halving the steps
+    n_keep: int = 4  # candidates kept per image after the global level
+    max_shift: float = 0.1  # shift range, fraction of the box
+    max_radius: float = 0.5  # search band radius cap, fraction of D/2
+    min_radius: int = 4  # px
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    poses: PosesConfig = field(default_factory=PosesConfig)
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
     # None: continue from output_dir/checkpoints/last.ckpt when it exists; true: require it; false: start over

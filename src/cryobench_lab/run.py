@@ -49,8 +49,15 @@ def build_model(cfg: DictConfig, info):
     _check_model_keys(cfg.model)
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     target = kwargs.pop("_target_")
+    cls = hydra.utils.get_class(target)
+    poses = OmegaConf.to_container(cfg.poses, resolve=True) if cfg.get("poses") is not None else {"source": "given"}
+    if "poses" in inspect.signature(cls.__init__).parameters:  # a method that renders volumes takes a pose source
+        kwargs["poses"] = poses
+    elif poses["source"] != "given":
+        raise InputError(f"poses={poses['source']}: model={cfg.model.name} uses the data's poses only; use poses=given "
+                         "or a method that estimates poses (hydra, drgnai, classify3d, cryodrgn)")
     try:
-        return hydra.utils.get_class(target)(info=info, **kwargs)
+        return cls(info=info, **kwargs)
     except ValueError as err:  # a model that cannot run on these data says why
         raise InputError(f"model={cfg.model.name}: {err}") from None
 

@@ -27,6 +27,7 @@ import torch
 
 from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.io.mrc import write_mrc
+from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
@@ -89,6 +90,14 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
     fig_dir = out_dir / "figures"
     vol_dir = out_dir / "volumes"
     labels = torch.as_tensor(info.labels) if info.labels is not None else None
+    pose_source = getattr(model, "poses", None)
+    if hasattr(pose_source, "estimates") and info.has_poses:
+        # estimated poses (poses=search): their errors, and volumes aligned to the truth (frame, handedness)
+        assigned = probs.argmax(1) if probs is not None else None
+        rot, trans = pose_source.estimates()
+        result.update(pose_scores(rot.cpu(), trans.cpu(), datamodule.dataset.rot, datamodule.dataset.trans, assigned))
+        if labels is not None and info.gt_volumes is not None:
+            decode, result["volume_alignment"] = aligned_decoder(decode, assigned, latent, labels, info.gt_volumes)
     if labels is not None and info.gt_volumes is not None:
         mask = _masks(options.fsc_mask, info.gt_volumes, info.mask)
         # A dataset with its own mask is also scored under it (CryoBench's masked FSC): keys *_masked.

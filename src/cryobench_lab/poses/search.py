@@ -113,8 +113,8 @@ class SearchConfig:
     """Settings of :class:`PoseSearch` (px are image pixels at the training box D)."""
 
     base_spacing_deg: float = 15.0  # rotation grid of the global level (≈4.4k rotations)
-    levels: int = 4  # the base level and 3 halvings of the steps (final rotation step ≈ 1.9°)
-    n_keep: int = 8  # candidates kept per image between levels
+    levels: int = 3  # the base level and 2 halvings of the steps (final rotation step 3.75°)
+    n_keep: int = 4  # candidates kept per image after the base level
     max_shift: float = 0.1  # shift range, a fraction of D (±6.4 px at D = 64)
     max_radius: float = 0.5  # band radius cap, a fraction of D/2
     min_radius: int = 4  # band radius floor (px)

@@ -148,6 +148,11 @@ class SearchedPoses(nn.Module):
             rot, trans = delta @ rot, trans + self.trans_delta(index)
         return rot, trans
 
+    @torch.no_grad()
+    def estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's current rotations ``(N, K, 3, 3)`` and shift ``(N, 2)`` px (refinement included)."""
+        return self.poses(torch.arange(len(self.trans), device=self.trans.device))
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         index = batch["index"]
         epoch = int(self._epoch())
