@@ -6,8 +6,8 @@ and the leaderboard table.
 1. Simulates the ``adk`` preset (10 states x 100 images, D=64, SNR 0.1) straight into CryoBench's download layout
    (``python -m cryobench_lab.simulate --layout cryobench``).
 2. Runs ``python -m cryobench_lab experiment=cryobench_igg1d_<method> +smoke=true data.root=<replica>`` for every
-   method (segvae with the replica's state-0 atomic model), and backproject through the other four dataset
-   configs (they differ only in name; this checks each one composes and reads the layout).
+   method (segvae with the replica's state-0 atomic model), backproject through three other dataset configs
+   and drgnai through spikemd (per-image FSC only; its oracle would need one volume per image).
 3. Writes the leaderboard (Markdown + CSV) and the raw numbers (JSON) to bench/results/.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae"]
-OTHER_DATASETS = ["iggrl", "ribosembly", "tomotwin100", "spikemd"]
+OTHER_DATASETS = ["iggrl", "ribosembly", "tomotwin100"]
 
 
 def main() -> int:
@@ -38,6 +38,7 @@ def main() -> int:
         subprocess.run([py, "-m", "cryobench_lab.simulate", "--preset", "adk", "--n-particles", "100", "--box-size", "64",
                         "--out", str(root), "--layout", "cryobench", "--quiet"], check=True)
     jobs = [("igg1d", m) for m in args.methods] + [(d, "backproject") for d in OTHER_DATASETS]
+    jobs.append(("spikemd", "drgnai"))
     results = []
     for dataset, method in jobs:
         run_dir = work / "runs" / f"{dataset}_{method}"

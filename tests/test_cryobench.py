@@ -162,7 +162,8 @@ def test_every_dataset_has_every_method_and_smoke_shrinks_each():
 
     datasets = {"igg1d", "iggrl", "ribosembly", "tomotwin100", "spikemd"}
     methods = {"backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae"}
-    assert {f"cryobench_{d}_{m}" for d in datasets for m in methods} <= set(EXPERIMENTS)
+    expected = {f"cryobench_{d}_{m}" for d in datasets for m in methods} - {"cryobench_spikemd_backproject"}
+    assert expected <= set(EXPERIMENTS)
     for name in EXPERIMENTS:  # files only (a Hydra compose per file would cost seconds each)
         cfg = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
         dataset = name.split("_")[1]

@@ -96,6 +96,8 @@ class MetricsConfig:
     eval_every: int = 0  # also score every n epochs during training; 0: only at the end
     save_volumes: bool = True
     figures: bool = True
+    # false: skip the per-conformation protocol (Spike-MD: one image per state, so per-image FSC is its metric)
+    per_conformation: bool = True
 
 
 @dataclass

@@ -90,6 +90,8 @@ def _fmt(x: float) -> str:
 
 
 def _run_cell(r: dict) -> str:
+    if math.isnan(r["auc"]) and not math.isnan(r["image_auc"]):  # Spike-MD: scored per image only
+        return f"per-image {_fmt(r['image_auc'])}"
     cell = _fmt(r["auc"])
     if not math.isnan(r["auc_masked"]):
         cell += f" (masked {_fmt(r['auc_masked'])})"

@@ -49,6 +49,7 @@ class ScoreOptions:
     per_image_n: int = 100  # images for the per-image FSC; 0 skips it
     save_volumes: bool = True
     figures: bool = True
+    per_conformation: bool = True  # false: per-image FSC only (one image per state, e.g. Spike-MD)
 
 
 def _masks(option: str, gt: torch.Tensor, dataset_mask: torch.Tensor | None = None):
@@ -109,11 +110,13 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             if options.save_volumes:
                 write_mrc(vol_dir / f"state_{state:03d}.mrc", vol.numpy(), apix=info.apix)
 
-        conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep, variants=variants)
+        conf = {"per_state": []}
+        if options.per_conformation:
+            conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep, variants=variants)
         result.update(conf)
         if options.per_image_n > 0:
             result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask, variants=variants))
-        if options.figures:
+        if options.figures and conf["per_state"]:
             figures["fsc"] = plots.plot_fsc_curves(fig_dir / "fsc.png", conf["per_state"], info.apix)
             shown = sorted(state_volumes)[:: max(1, len(state_volumes) // MONTAGE_MAX)][:MONTAGE_MAX]
             figures["volumes"] = plots.plot_volume_montage(
@@ -176,7 +179,8 @@ class EvaluationCallback(L.Callback):
             return
         epoch = trainer.current_epoch + 1
         if self.eval_every and epoch % self.eval_every == 0 and epoch < trainer.max_epochs:
-            options = ScoreOptions(self.options.fsc_mask, per_image_n=0, save_volumes=False, figures=False)
+            options = ScoreOptions(self.options.fsc_mask, per_image_n=0, save_volumes=False, figures=False,
+                                   per_conformation=self.options.per_conformation)
             metrics, _ = score_model(pl_module, self.datamodule, self.out_dir, options)
             for logger in trainer.loggers:
                 logger.log_metrics(scalar_metrics(metrics), step=trainer.global_step)
