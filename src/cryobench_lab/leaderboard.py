@@ -51,7 +51,7 @@ COUNTERPART = {"classify3d": "3D classification", "cryodrgn": "cryoDRGN", "drgna
 
 def read_run(run_dir: str | Path) -> dict:
     """One run folder → ``{method, dataset, column, auc, auc_masked, auc_std, image_auc, ari, box_size,
-    n_particles, smoke, root, run}`` (NaN where the run did not report a metric)."""
+    n_particles, smoke, root, replica, run}`` (NaN where the run did not report a metric)."""
     run = Path(run_dir)
     metrics_file, config_file = run / "metrics.json", run / "config.yaml"
     for f in (metrics_file, config_file):
@@ -81,6 +81,8 @@ def read_run(run_dir: str | Path) -> dict:
         "n_particles": m.get("n_particles"),
         "smoke": bool(cfg.get("smoke", False)),
         "root": str(cfg.data.get("root") or ""),
+        # a simulator-written replica (simulate --layout cryobench), not the download
+        "replica": bool(cfg.data.get("root")) and (Path(str(cfg.data.root)) / "replica.json").is_file(),
         "run": str(run),
     }
 
@@ -102,6 +104,8 @@ def _run_source(r: dict) -> str:
     notes = [f"D={r['box_size']}", f"{r['n_particles']} images"]
     if r["smoke"]:
         notes.append("smoke")
+    if r["replica"]:
+        notes.append("simulated replica, not the download")
     return "this project, run here (" + ", ".join(notes) + ")"
 
 
