@@ -241,7 +241,7 @@ def write_cryobench_layout(dataset: str | os.PathLike, out: str | os.PathLike, s
     write_mrc(out / "init_mask" / "mask.mrc", volume_mask(np.mean(vols, axis=0)).numpy(), apix)
     (out / "replica.json").write_text(json.dumps({
         "written_by": "cryobench_lab.io.cryobench.write_cryobench_layout", "source": str(src.resolve()),
-        "box_size": D, "apix": apix, "snr": meta.get("snr"), "n_particles": int(len(labels)),
+        "box_size": D, "apix": apix, "snr": meta.get("snr"), "n_particles": len(labels),
         "n_states": len(vols), "invert": meta.get("invert", True),
     }, indent=2) + "\n")
     return out
