@@ -1,0 +1,180 @@
+"""Part-aware Gaussian mixture (CryoSPIRE, model=partgmm): renderer against project_gaussians, part
+discovery, and the three stages on tiny synthetic data (a static blob, a blob that moves with the state and
+a blob present in one state only)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.models.components.gaussian_render import render_gaussians
+from cryobench_lab.models.components.parts import allocate, discover_anchors, kmeans_pp, silhouette
+from cryobench_lab.models.partgmm import PartGMM, positional_features
+from cryobench_lab.physics.ctf import ctf_from_params
+from cryobench_lab.physics.fft import fft2_center, ifft2_center
+from cryobench_lab.physics.gaussians import project_gaussians
+from cryobench_lab.physics.lattice import freq_grid_2d
+from cryobench_lab.physics.rotations import random_rotations
+
+D, APIX, N_IMAGES, B = 32, 3.0, 96, 32
+CONF = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+
+
+def _truth(state: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blob centres (n, 3) Å and amplitudes (n,): static blob at −x, a blob at +x moved 6 Å in y by state 1,
+    and a blob at +z present only in state 1."""
+    g = torch.Generator().manual_seed(1)
+    blob = torch.randn(40, 3, generator=g) * 4.0
+    static = blob + torch.tensor([-12.0, 0.0, 0.0])
+    moving = blob + torch.tensor([12.0, 6.0 * state, 0.0])
+    extra = blob[:20] + torch.tensor([0.0, 0.0, 14.0])
+    amps = torch.cat([torch.ones(80), torch.full((20,), float(state))])
+    return torch.cat([static, moving, extra]), amps
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[DatasetInfo, list[dict]]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N_IMAGES) % 2
+    rot = random_rotations(N_IMAGES, generator=g)
+    ctf = torch.tensor([D, APIX, 12000.0, 12000.0, 0.0, 300.0, 2.7, 0.1, 0.0]).expand(N_IMAGES, 9)
+    images = torch.empty(N_IMAGES, D, D)
+    for s in (0, 1):
+        sel = labels == s
+        centres, amps = _truth(s)
+        clean = project_gaussians(centres, torch.full((len(amps),), 3.0), amps, rot[sel], D, APIX)
+        c = ctf_from_params(freq_grid_2d(D, APIX)[None], ctf[sel])
+        images[sel] = ifft2_center(fft2_center(clean) * c).real
+    images = images / images.std()
+    images = images + 0.3 * torch.randn(images.shape, generator=g)
+    info = DatasetInfo(n_particles=N_IMAGES, box_size=D, apix=APIX, has_poses=True, labels=labels.numpy())
+    batches = [{"images": images[s : s + B], "rot": rot[s : s + B], "trans": torch.zeros(B, 2), "ctf": ctf[s : s + B],
+                "index": torch.arange(s, s + B), "label": labels[s : s + B]} for s in range(0, N_IMAGES, B)]
+    return info, batches
+
+
+def _model(info: DatasetInfo, **kw) -> PartGMM:
+    args = dict(n_coarse=64, n_fine=128, hidden_dim=16, n_layers=2, anchor_hidden=16, anchor_layers=2, n_anchors=4,
+                fit_steps=30, stage1_epochs=1, stage2_epochs=1, gaussian_lr=3e-2, latent_lr=0.1, lr=3e-3)
+    args.update(kw)
+    return PartGMM(info, **args)
+
+
+def _train(model: PartGMM, batches: list[dict], stage: int, epochs: int) -> list[float]:
+    """Mean loss per epoch of ``stage``."""
+    losses = []
+    for _ in range(epochs):
+        losses.append(float(np.mean([float(model.step(b, stage)["loss"]) for b in batches])))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict:
+    """One model through all stages; the stage-1 checkpoint and each stage's losses."""
+    torch.manual_seed(0)
+    info, batches = data
+    model = _model(info)
+    for b in batches:
+        model.consensus_step(b)
+    model.finish_stage(0)
+    fit0 = list(model.fit_losses)
+    loss1 = _train(model, batches, 1, 6)
+    model.finish_stage(1)
+    ckpt = tmp_path_factory.mktemp("partgmm") / "partgmm_stage1.pt"
+    model.save_stage(ckpt)
+    loss2 = _train(model, batches, 2, 6)
+    model.finish_stage(2)
+    return {"model": model, "fit0": fit0, "loss1": loss1, "loss2": loss2, "ckpt": ckpt}
+
+
+def test_renderer_matches_project_gaussians_and_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    c = (torch.randn(3, 30, 3, generator=g) * 8).double().requires_grad_()
+    s = (torch.rand(30, generator=g) * 2 + 1).double().requires_grad_()
+    a = torch.rand(3, 30, generator=g).double().requires_grad_()
+    rot, t = random_rotations(3, generator=g).double(), torch.randn(3, 2, generator=g).double()
+    ref, out = project_gaussians(c, s, a, rot, 40, 2.0, t), render_gaussians(c, s, a, rot, 40, 2.0, t)
+    assert (ref - out).abs().max() < 1e-6 * ref.abs().max()  # windows drop tails below 6e-7 of the peak
+    w = torch.randn(3, 40, 40, generator=g).double()
+    for x, y in zip(torch.autograd.grad((ref * w).sum(), (c, s, a)), torch.autograd.grad((out * w).sum(), (c, s, a))):
+        assert (x - y).abs().max() < 1e-5 * x.abs().max()
+
+
+def test_kmeans_silhouette_and_allocation():
+    g = np.random.default_rng(0)
+    x = np.concatenate([g.normal(0, 0.1, (50, 2)), g.normal(5, 0.1, (30, 2))])
+    labels, c = kmeans_pp(x, 2, seed=3)
+    assert sorted(np.bincount(labels).tolist()) == [30, 50]
+    assert silhouette(x, labels) > 0.9
+    assert allocate(np.array([60, 30, 10]), 10).tolist() == [6, 3, 1]
+    found = discover_anchors(np.concatenate([x, x[:, :1]], 1), g.normal(size=(80, 3)), None, 6, max_parts=5, seed=0)
+    assert found["n_parts"] == 2 and len(found["anchor_index"]) == 6
+    assert (found["part"][found["anchor_index"]] == found["anchor_part"]).all()  # an anchor belongs to its part
+
+
+def test_each_stage_lowers_its_loss(trained):
+    assert trained["fit0"][-1] < 0.5 * trained["fit0"][0]  # stage 0: 3D fit of the seeded Gaussians
+    assert trained["loss1"][-1] < trained["loss1"][0]
+    assert trained["loss2"][-1] < trained["loss2"][0]
+
+
+def test_part_discovery_is_deterministic_and_resume_keeps_anchors(trained, data):
+    info, batches = data
+    model = trained["model"]
+    resumed = _model(info, resume=str(trained["ckpt"]))
+    assert int(resumed.stage_done) == 1 and resumed._schedule == [2]
+    assert torch.equal(resumed.anchor_centers, torch.load(trained["ckpt"])["state_dict"]["anchor_centers"])
+    again = resumed.discover_parts()  # rediscovered from the checkpoint's stage-1 state
+    assert torch.equal(torch.from_numpy(again["anchor"]), resumed.coarse_anchor)
+    assert torch.equal(resumed.coarse_anchor, model.coarse_anchor)
+    assert torch.equal(resumed.fine_anchor, model.fine_anchor)
+
+
+def test_decode_contract_and_outputs(trained, tmp_path):
+    model = trained["model"]
+    z = model.embed({"index": torch.arange(4)})["latent"]
+    assert z.shape == (4, 4)
+    vols = model.decode(z, None)
+    assert vols.shape == (4, D, D, D) and torch.isfinite(vols).all() and vols.sum() > 0
+    summary = model.write_outputs(tmp_path)
+    import mrcfile
+    import gemmi
+
+    with mrcfile.open(tmp_path / "parts.mrc") as m:
+        labels = m.data
+    assert labels.max() == summary["n_parts"] and labels.min() == 0
+    st = gemmi.read_structure(str(tmp_path / "gaussians.pdb"))
+    bfac = np.array([a.b_iso for ch in st[0] for res in ch for a in res])
+    assert len(bfac) == 128 and set(np.unique(bfac).astype(int)) <= set(range(summary["n_parts"]))
+    assert (tmp_path / "parts.png").stat().st_size > 0
+
+
+def test_flat_and_positional_ablations_train(data):
+    info, batches = data
+    for kw in ({"hierarchy": False}, {"features": "positional"}):
+        model = _model(info, fit_steps=5, **kw)
+        for b in batches:
+            model.consensus_step(b)
+        model.finish_stage(0)
+        _train(model, batches[:1], 1, 1)
+        model.finish_stage(1)
+        losses = _train(model, batches, 2, 3)
+        assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+        assert (model.net_a is None) == (not kw.get("hierarchy", True))
+
+
+def test_positional_features_shape_and_range():
+    f = positional_features(torch.randn(10, 3) * 20, 24, 96.0, seed=0)
+    assert f.shape == (10, 24) and f.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["partgmm", "partgmm_flat", "partgmm_oversegmented", "partgmm_posenc"])
+def test_configs_instantiate(name, data):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="train", overrides=[f"model={name}"])
+    kwargs = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    model = PartGMM(data[0], **kwargs)
+    assert model.method_name == name
