@@ -240,3 +240,22 @@ def test_leaderboard_puts_runs_beside_published_numbers(tmp_path):
     assert "published, not re-run" in (tmp_path / "board.csv").read_text()
     with pytest.raises(InputError, match="metrics.json"):
         write_leaderboard([tmp_path / "nothing"], tmp_path / "x.md")
+
+
+@pytest.mark.slow
+def test_smoke_experiment_runs_end_to_end_and_enters_the_leaderboard(replica, tmp_path):
+    """`experiment=cryobench_igg1d_backproject +smoke=true` on the replica, then the leaderboard (≈ 30 s)."""
+    import subprocess
+    import sys
+
+    from cryobench_lab.leaderboard import write_leaderboard
+
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "cryobench_lab", "experiment=cryobench_igg1d_backproject", "+smoke=true",
+                    f"data.root={replica}", "data.snr=null", f"hydra.run.dir={run}",
+                    "trainer.enable_progress_bar=false"], check=True, capture_output=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["box_size"] == 32 and metrics["val/fsc_auc_mean"] > 0.75 * (32 // 2 - 1) / 32
+    assert metrics["val/fsc_auc_mean_masked"] > 0 and metrics["val/ari"] == 1.0
+    board = write_leaderboard([run], tmp_path / "board.md").read_text()
+    assert "simulated replica" in board and "published, not re-run" in board
