@@ -391,3 +391,21 @@ def test_more_gpus_than_exist_is_refused(tiny_dataset, tmp_path):
     available = torch.cuda.device_count()
     _refused(tiny_dataset, tmp_path / "run", "trainer=gpu", f"trainer.devices={available + 1}",
              match=f"asks for {available + 1} GPU.s. but this machine has {available}")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while a checkpoint is written (here: torch.save fails half-way) leaves the previous one."""
+    from cryobench_lab.callbacks.reliability import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, target)
+    assert torch.load(target, weights_only=True)["w"].sum() == 3
+    assert list(tmp_path.iterdir()) == [target]

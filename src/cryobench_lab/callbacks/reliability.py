@@ -11,6 +11,10 @@
   checkpoint or result is written from them. With ``on_nonfinite=skip`` the optimiser step is skipped instead
   (its gradients are dropped, so Adam-style optimisers leave those parameters alone) and counted in
   ``train/skipped_steps``; more than ``max_skipped`` skips in a row stop the run.
+
+Checkpoints are written by :class:`AtomicCheckpointIO`: Lightning's own writer stages the file in the
+system temporary folder and moves it over, which degrades to a plain (interruptible) copy when that folder
+is on another filesystem than the run folder.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cryobench_lab.errors import TrainingError
+from cryobench_lab.io.atomic import atomic_path
 
 NONFINITE_MODES = ("stop", "skip")
 
@@ -49,6 +55,14 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints saved to a temporary file next to the target, then renamed onto it (io/atomic.py)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class ReliabilityCallback(L.Callback):

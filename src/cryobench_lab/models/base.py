@@ -88,7 +88,10 @@ class ReconstructionModule(L.LightningModule):
                 latents.append(out["latent"].cpu())
             if out.get("class_probs") is not None:
                 probs.append(out["class_probs"].cpu())
-            index.append(batch["index"].cpu())
+            # A tensor from a DataLoader worker lives in shared memory that holds a file descriptor until the
+            # tensor is freed: keeping it would hold one descriptor per batch (the 100,000-image soak in
+            # bench/lazy_memory.py reached 471), so keep a private copy.
+            index.append(batch["index"].cpu().clone())
         return {
             "latent": torch.cat(latents) if latents else None,
             "class_probs": torch.cat(probs) if probs else None,
