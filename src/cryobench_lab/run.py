@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions, write_json_atomic
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
@@ -48,8 +49,15 @@ def build_model(cfg: DictConfig, info):
     _check_model_keys(cfg.model)
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     target = kwargs.pop("_target_")
+    cls = hydra.utils.get_class(target)
+    poses = OmegaConf.to_container(cfg.poses, resolve=True) if cfg.get("poses") is not None else {"source": "given"}
+    if "poses" in inspect.signature(cls.__init__).parameters:  # a method that renders volumes takes a pose source
+        kwargs["poses"] = poses
+    elif poses["source"] != "given":
+        raise InputError(f"poses={poses['source']}: model={cfg.model.name} uses the data's poses only; use poses=given "
+                         "or a method that estimates poses (hydra, drgnai, classify3d, cryodrgn)")
     try:
-        return hydra.utils.get_class(target)(info=info, **kwargs)
+        return cls(info=info, **kwargs)
     except ValueError as err:  # a model that cannot run on these data says why
         raise InputError(f"model={cfg.model.name}: {err}") from None
 
@@ -247,7 +255,7 @@ def run(cfg: DictConfig) -> dict:
     guard = ReliabilityCallback(prints, cfg.on_nonfinite)
     m = cfg.metrics
     evaluation = EvaluationCallback(
-        datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures),
+        datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation),
         eval_every=m.eval_every, header={"dataset": cfg.data.name, "seed": cfg.seed},
     )
     evaluation.header["config_hash"] = config_hash(cfg)  # what makes metrics.json complete for a sweep
@@ -261,9 +269,12 @@ def run(cfg: DictConfig) -> dict:
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
+    trainer.callbacks.append(SumBuffersAcrossRanks())  # DDP: accumulator methods sum over ranks
     if ckpt_path:
         print(f"[cryobench_lab] resuming from {ckpt_path}", file=sys.stderr)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.global_rank != 0:  # DDP: only rank 0 scores and writes (callbacks/evaluation.py)
+        return {}
     if evaluation.metrics:  # empty on DDP ranks other than 0, which score nothing
         evaluation.metrics["train/skipped_steps"] = guard.skipped_steps
         write_json_atomic(out_dir / "metrics.json", evaluation.metrics)
