@@ -126,6 +126,16 @@ def test_missing_or_malformed_piece_names_the_file_and_the_layout(replica, tmp_p
     assert piece.split("/")[-1] in message or "gt_latents.pkl" in message, message
 
 
+def test_published_vols_folder_serves_downsampled_stacks_and_a_wrong_mask_box_fails(replica, tmp_path):
+    root = _broken(replica, tmp_path, lambda r: (r / "vols" / f"{D}_org").rename(r / "vols" / "128_org"))
+    assert load_cryobench(root).volume_files[0].endswith("vols/128_org/000.mrc")
+    from cryobench_lab.io.mrc import write_mrc
+
+    write_mrc(root / "init_mask" / "mask.mrc", np.ones((D // 2,) * 3, np.float32), 2.5)
+    with pytest.raises(InputError, match="mask.mrc: mask has shape"):
+        load_cryobench(root)
+
+
 def test_gt_volumes_beyond_the_memory_cap_are_read_on_access(replica):
     files = sorted((replica / "vols" / f"{D}_org").glob("*.mrc"))
     eager = _load_gt_volumes([str(f) for f in files], N_STATES, 16)

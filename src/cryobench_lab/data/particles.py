@@ -345,7 +345,7 @@ class ParticleDataModule(L.LightningDataModule):
         gt = None
         if files["gt_volumes"]:
             gt = _load_gt_volumes(files["gt_volumes"], int(labels.max()) + 1 if labels is not None else 0, D, cfg.memory_cap_gb)
-        mask = _load_mask(files["mask"], meta.D, D) if files.get("mask") else None
+        mask = _load_mask(files["mask"], files["volume_box"], D) if files.get("mask") else None
         self.info = DatasetInfo(
             n_particles=n, box_size=D, apix=meta.apix * meta.D / D, has_poses=meta.rot is not None, mask=mask,
             labels=labels, gt_volumes=gt, structure=files["structure"], source=str(files["particles"]),

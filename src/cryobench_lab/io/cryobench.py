@@ -64,6 +64,7 @@ class CryoBenchData:
     volume_files: list[str]  # one .mrc per state, label order
     mask_file: str
     root: str
+    volume_box: int  # px, box of the ground-truth volumes and the mask
     files: dict = field(default_factory=dict)  # what was read, for the run's metadata
 
 
@@ -124,9 +125,15 @@ def read_labels(root: Path, n: int) -> tuple[np.ndarray, Path]:
 
 
 def volume_files(root: Path, D: int, n_states: int) -> list[str]:
-    """The ground-truth volumes ``vols/<D>_org/*.mrc`` (numeric order), one per state."""
+    """The ground-truth volumes ``vols/<D>_org/*.mrc`` (numeric order), one per state; ``vols/128_org`` (the
+    published box) when the stacks were downsampled to another ``D``."""
     folder = root / "vols" / f"{D}_org"
-    files = sorted(folder.glob("*.mrc"), key=_numeric_key) if folder.is_dir() else []
+    files = []
+    for candidate in dict.fromkeys([folder, root / "vols" / "128_org"]):
+        files = sorted(candidate.glob("*.mrc"), key=_numeric_key) if candidate.is_dir() else []
+        if files:
+            folder = candidate
+            break
     if not files:
         raise _fail(folder, "no ground-truth .mrc volumes found")
     if len(files) != n_states:
@@ -163,13 +170,20 @@ def load_cryobench(
     labels, labels_file = read_labels(root, meta.n)
     n_states = int(labels.max()) + 1
     vols = volume_files(root, meta.D, n_states)
+    first, _ = read_mrc(vols[0])
+    if first.ndim != 3 or len(set(first.shape)) != 1:
+        raise _fail(vols[0], f"ground-truth volume has shape {first.shape}, expected a cubic (D, D, D) map")
+    volume_box = int(first.shape[0])
     mask = root / "init_mask" / "mask.mrc"
     if not mask.is_file():
         raise _fail(mask, "file not found")
+    read_mask(mask, volume_box)  # fail now, not at scoring time
     return CryoBenchData(
         particles=meta, labels=labels, volume_files=vols, mask_file=str(mask), root=str(root),
+        volume_box=volume_box,
         files={"particles": str(txt), "poses": str(poses), "ctf": str(ctf), "labels": str(labels_file),
-               "gt_volumes": str(Path(vols[0]).parent), "mask": str(mask), "layout": "cryobench"},
+               "gt_volumes": str(Path(vols[0]).parent), "mask": str(mask), "volume_box": volume_box,
+               "layout": "cryobench"},
     )
 
 
@@ -177,7 +191,7 @@ def read_mask(path: str | os.PathLike, D: int) -> np.ndarray:
     """The ``(D, D, D)`` float32 mask of ``init_mask/mask.mrc``; its box must equal the volumes' ``D``."""
     mask, _ = read_mrc(path)
     if mask.ndim != 3 or mask.shape != (D, D, D):
-        raise _fail(path, f"mask has shape {mask.shape}, expected ({D}, {D}, {D}) like vols/{D}_org")
+        raise _fail(path, f"mask has shape {mask.shape}, expected ({D}, {D}, {D}) like the ground-truth volumes")
     if not np.all(np.isfinite(mask)):
         raise _fail(path, "mask contains NaN or inf")
     return np.ascontiguousarray(mask, dtype=np.float32)
