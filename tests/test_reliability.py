@@ -409,3 +409,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, target)
     assert torch.load(target, weights_only=True)["w"].sum() == 3
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_pose_star_in_another_order_is_paired_by_image_name(tiny_dataset, tmp_path):
+    """A refinement's star names its images, so its rows pair with the particles by name in any order."""
+    from cryobench_lab.io.particles import load_particles
+
+    meta = _tiny_arrays(tiny_dataset)
+    blocks = starfile.read(tiny_dataset / "particles.star", always_dict=True)
+    shuffled = blocks["particles"].sample(frac=1.0, random_state=0).reset_index(drop=True)
+    starfile.write({"optics": blocks["optics"], "particles": shuffled}, tmp_path / "refined.star")
+    paired = load_particles(tiny_dataset / "particles.star", poses=tmp_path / "refined.star")
+    np.testing.assert_allclose(paired.rot, meta.rot, atol=1e-6)
+    np.testing.assert_allclose(paired.trans_px, meta.trans_px, atol=1e-5)
+    starfile.write({"optics": blocks["optics"], "particles": shuffled.iloc[1:]}, tmp_path / "fewer.star")
+    _refused(tiny_dataset, tmp_path / "run", f"data.poses={tmp_path / 'fewer.star'}",
+             match="fewer.star: has no row for image .*particles.mrcs .particle [0-9]+; 1 of 300 particles unmatched")

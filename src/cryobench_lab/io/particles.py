@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.cryosparc import read_cs
 from cryobench_lab.io.pickles import load_ctf, load_poses
 from cryobench_lab.io.stacks import ImageSource
 from cryobench_lab.io.star import (
+    _parse_image_names,
     ctf_from_star,
     has_ctf,
     has_poses,
@@ -90,7 +92,41 @@ def _refuse_reordered(star_rows: np.ndarray, pickle_rows: np.ndarray, star: Path
         row = int(moved[0])
         raise InputError(f"{pickle}: its {what} are the rows of {star} in another order ({len(moved)} rows "
                          f"moved; star row {row + 1} is pickle row {int(match[0]) + 1}); the pickle has no image "
-                         f"names to pair by, so write it in the star's row order (or drop it)")
+                         f"names to pair by: write it in the star's row order, or give data.poses as a STAR file "
+                         "(paired by image name)")
+
+
+def _image_keys(images: ImageSource) -> np.ndarray:
+    """``"index@stack file name"`` (1-based) of every particle, the name both a star and a cs file carry."""
+    names = np.array([Path(f).name for f in images.files], dtype=object)
+    return np.array([f"{i + 1}@{n}" for i, n in zip(images._indices, names[images._file_ids])], dtype=object)
+
+
+def _poses_by_name(poses: Path, images: ImageSource, apix: float) -> tuple[np.ndarray, np.ndarray]:
+    """Poses from a STAR file (a refinement's output), paired with the particles by image name.
+
+    A star carries ``rlnImageName``, so its rows may come in any order (and hold extra particles): each
+    particle takes the row naming the same image (same 1-based index in a stack of the same file name; the
+    folders may differ between projects). A particle no row names is refused with its name.
+    """
+    df = read_star(poses)
+    if not has_poses(df):
+        raise InputError(f"{poses}: no rlnAngleRot/Tilt/Psi columns, so no poses; pass a refined star file")
+    paths, indices = _parse_image_names(df)
+    keys = np.array([f"{i + 1}@{Path(p).name}" for p, i in zip(paths, indices)], dtype=object)
+    table = pd.Index(keys)
+    if not table.is_unique:
+        dup = table[table.duplicated()][0]
+        raise InputError(f"{poses}: image {dup} has more than one row; keep one pose per particle")
+    wanted = _image_keys(images)
+    rows = table.get_indexer(wanted)
+    missing = np.flatnonzero(rows < 0)
+    if len(missing):
+        raise InputError(f"{poses}: has no row for image {wanted[missing[0]]} (particle {missing[0] + 1}; "
+                         f"{len(missing)} of {len(wanted)} particles unmatched); the star and the particles "
+                         "name different images")
+    rot, trans = poses_from_star(df, star_apix(df) or apix)
+    return rot[rows], trans[rows]
 
 
 def load_particles(
@@ -104,7 +140,8 @@ def load_particles(
 
     Args:
         particles: ``.star``, ``.cs``, ``.txt`` (stack list) or ``.mrcs``/``.mrc`` file.
-        poses: cryoDRGN poses pickle, overriding poses in the particle file.
+        poses: cryoDRGN poses pickle, or a STAR file paired with the particles by image name, overriding
+            poses in the particle file.
         ctf: cryoDRGN CTF pickle, overriding CTF in the particle file.
         datadir: folder the star/cs image paths are relative to (default: the metadata file's folder).
         apix: pixel size in Å, used only where the files do not give one.
@@ -162,7 +199,9 @@ def load_particles(
         raise InputError(f"{path}: no pixel size in the particle files (header says 0); pass data.apix=<Å per "
                          "pixel>")
 
-    if poses is not None:
+    if poses is not None and Path(poses).suffix.lower() == ".star":
+        rot, trans_px = _poses_by_name(Path(poses), images, final_apix)
+    elif poses is not None:
         rot, trans_px = load_poses(poses, n=n, D=D)
         if star_df is not None and has_poses(star_df):
             _refuse_reordered(poses_from_star(star_df, final_apix)[0], rot, path, poses, "poses")
