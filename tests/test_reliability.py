@@ -60,7 +60,7 @@ def _env() -> dict:
 
 def _entry(args: list[str], cwd: Path, wrapper: str | None = None) -> subprocess.CompletedProcess:
     code = ["-m", "cryobench_lab"] if wrapper is None else ["-c", wrapper]
-    return subprocess.run([sys.executable, *code, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, *code, *args], check=False, cwd=cwd, env=_env(), capture_output=True, text=True,
                           timeout=600)
 
 
