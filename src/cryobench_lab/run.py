@@ -22,6 +22,7 @@ from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpoin
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.sweeps import config_hash, finished_metrics, in_multirun, prepare_ddp_relaunch, record_failure
+from cryobench_lab.wandb_tools import finish_wandb
 from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.provenance import environment, fingerprints
 
@@ -279,6 +280,7 @@ def run(cfg: DictConfig) -> dict:
         evaluation.metrics["train/skipped_steps"] = guard.skipped_steps
         write_json_atomic(out_dir / "metrics.json", evaluation.metrics)
     _print_summary(evaluation.metrics, out_dir)
+    finish_wandb()  # the next job of a sweep gets its own W&B run (wandb_tools.py)
     return evaluation.metrics
 
 
