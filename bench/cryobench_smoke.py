@@ -3,6 +3,8 @@ and the leaderboard table.
 
     python bench/cryobench_smoke.py [--work /tmp/cryobench_smoke] [--methods backproject cryodrgn ...]
 
+Runs that finished in an earlier invocation with the same --work folder are reused, not re-run.
+
 1. Simulates the ``adk`` preset (10 states x 100 images, D=64, SNR 0.1) straight into CryoBench's download layout
    (``python -m cryobench_lab.simulate --layout cryobench``).
 2. Runs ``python -m cryobench_lab experiment=cryobench_igg1d_<method> +smoke=true data.root=<replica>`` for every
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae"]
+METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae", "partgmm"]
 OTHER_DATASETS = ["iggrl", "ribosembly", "tomotwin100"]
 
 
@@ -46,12 +48,20 @@ def main() -> int:
                f"data.root={root}", "data.snr=null", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
         if method == "segvae":
             cmd.append(f"model.structure={root / 'replica_structures' / 'state_000.cif'}")
+        timing = run_dir / "bench_seconds.json"
+        if (run_dir / "metrics.json").is_file() and timing.is_file():  # finished by an earlier invocation
+            entry = json.loads(timing.read_text())
+            entry.update({k: v for k, v in json.loads((run_dir / "metrics.json").read_text()).items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            results.append(entry)
+            continue
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failed run is recorded, not fatal
         seconds = time.time() - t0
         ok = proc.returncode == 0 and (run_dir / "metrics.json").is_file()
         entry = {"dataset": dataset, "method": method, "ok": ok, "seconds": round(seconds, 1), "command": " ".join(cmd[1:])}
         if ok:
+            timing.write_text(json.dumps(entry))
             m = json.loads((run_dir / "metrics.json").read_text())
             entry.update({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         else:

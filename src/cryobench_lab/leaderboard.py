@@ -46,7 +46,8 @@ PUBLISHED = {
 PUBLISHED_LABEL = "published, not re-run (CryoBench; domain.md §3)"
 
 #: This project's method → the published method it reimplements (rows are placed next to each other).
-COUNTERPART = {"classify3d": "3D classification", "cryodrgn": "cryoDRGN", "drgnai": "DRGN-AI-fixed"}
+COUNTERPART = {"classify3d": "3D classification", "multiclass": "3D classification", "cryodrgn": "cryoDRGN",
+               "drgnai": "DRGN-AI-fixed", "partgmm": "CryoSPIRE"}
 
 
 def read_run(run_dir: str | Path) -> dict:
