@@ -58,7 +58,7 @@ from cryobench_lab.models.components.atoms import (
 )
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
-from cryobench_lab.physics.fft import fft2_center, ifft2_center
+from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.gaussians import voxelize_gaussians
 from cryobench_lab.physics.shift import shift_images
 
@@ -132,6 +132,12 @@ class SegmentVAE(ReconstructionModule):
         self.register_buffer("amplitudes", torch.from_numpy(self.base.amplitudes))  # (n,)
         self.register_buffer("sigmas", torch.full((n,), float(sigma)))
         self.register_buffer("image_scale", torch.tensor(0.0))
+        # rfft2 frequencies in 1/Å (rows ky in FFT order, then one extra row at ky = +D/2; columns kx ≥ 0)
+        # (integer indices / (D·apix), the same float operations as physics.lattice.freq_grid_2d)
+        ky = torch.cat([torch.fft.fftfreq(self.D, d=1 / self.D).round(), torch.tensor([self.D / 2])])  # (D+1,)
+        kx = torch.arange(self.D // 2 + 1, dtype=torch.float32)  # (D//2+1,)
+        grid = torch.stack(torch.meshgrid(kx, ky, indexing="xy"), -1) / (self.D * self.apix)  # (D+1, D//2+1, 2)
+        self.register_buffer("rfft_freqs", grid, persistent=False)
         chain = np.unique(self.base.chain_ids, return_inverse=True)[1].reshape(-1)
         same_chain = torch.from_numpy(chain[1:] == chain[:-1])
         self.register_buffer("bond_pairs", torch.nonzero(same_chain).squeeze(1))  # (n_bonds,) i of pairs (i, i+1)
@@ -140,6 +146,7 @@ class SegmentVAE(ReconstructionModule):
         idx = torch.arange(n)
         neighbours = ((idx[:, None] - idx[None, :]).abs() <= 1) & torch.from_numpy(chain[:, None] == chain[None, :])
         self.register_buffer("clash_pairs", torch.triu(~neighbours, diagonal=1))  # (n, n) bool
+        self.n_clash_pairs = int(self.clash_pairs.sum())
         self.segmentation: nn.Module | None = None
         if mode == "per_residue":
             origins, axes = local_frames(self.coords0, self.base.chain_ids)
@@ -189,10 +196,25 @@ class SegmentVAE(ReconstructionModule):
         centres = coords + self.offset
         shifts = -batch["trans"] if "trans" in batch else None
         img = project_residues(centres, self.hparams.sigma, self.amplitudes, batch["rot"], self.D, self.apix, shifts)
-        ctf = self.ctf(batch)
-        if ctf is None:
+        if "ctf" not in batch:
             return img
-        return ifft2_center(fft2_center(img) * ctf).real
+        return self.apply_ctf(img, batch["ctf"])
+
+    def apply_ctf(self, img: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``ifft2_center(fft2_center(img) · CTF).real`` for images (B, D, D) and cryoDRGN CTF params (B, 9).
+
+        The CTF is centrosymmetric, so filtering with it commutes with the centring shifts and keeps real
+        images real: half-spectrum transforms with the CTF on the rfft2 grid, half the work of
+        ``ifft2_center(fft2_center(img) · CTF).real`` and the same result. On the Nyquist row (ky = ±D/2,
+        one row of the DFT) that real part applies the mean of the CTF at ky = −D/2 and +D/2; so does
+        this, from the grid's extra last row (+D/2). irfft2 does the same for the Nyquist column itself.
+        """
+        ctf = ctf_from_params(self.rfft_freqs[None], params)  # (B, D + 1, D//2+1)
+        h = self.D // 2
+        corner = ctf[:, self.D, h].clone()  # (±D/2, ±D/2) is its own partner: CTF(D/2, D/2)
+        ctf[:, h] = 0.5 * (ctf[:, h] + ctf[:, self.D])
+        ctf[:, h, h] = corner
+        return torch.fft.irfft2(torch.fft.rfft2(img) * ctf[:, : self.D], s=(self.D, self.D))
 
     def _progress(self, batch_idx: int) -> float:
         if self._trainer is None:
@@ -207,11 +229,24 @@ class SegmentVAE(ReconstructionModule):
         return ((d - self.bond_lengths) ** 2).mean()
 
     def clash(self, coords: torch.Tensor) -> torch.Tensor:
-        """Mean of ``relu(c² − d²)² / c⁴`` over non-neighbour pairs; 0 when no pair is closer than c."""
+        """Mean of ``relu(c² − d²)² / c⁴`` over non-neighbour pairs; 0 when no pair is closer than c.
+
+        Only pairs closer than c contribute (value and gradient), and they are few: they are found without
+        gradient from ``|a|² + |b|² − 2a·b`` (one batched matmul, with a 1 Å² margin for its rounding), and
+        the penalty is evaluated exactly on them. Same value and gradient as over all (B, n, n) pairs.
+        """
         c2 = self.hparams.clash_threshold**2
-        d2 = ((coords[:, :, None, :] - coords[:, None, :, :]) ** 2).sum(-1)  # (B, n, n)
-        pen = torch.relu(c2 - d2[:, self.clash_pairs]) ** 2 / c2**2  # (B, n_pairs)
-        return pen.mean()
+        with torch.no_grad():
+            sq = (coords * coords).sum(-1, keepdim=True)  # (B, n, 1)
+            ones = torch.ones_like(sq)
+            # d²_ij = [x_i, |x_i|², 1] · [−2x_j, 1, |x_j|²] as one batched matmul → (B, n, n)
+            d2 = torch.bmm(torch.cat([coords, sq, ones], -1), torch.cat([-2 * coords, ones, sq], -1).transpose(1, 2))
+            b, i, j = torch.nonzero(d2 < c2 + 1.0, as_tuple=True)  # few: near pairs, bonded neighbours, i = j
+            keep = self.clash_pairs[i, j]  # non-neighbour pairs, i < j
+            b, i, j = b[keep], i[keep], j[keep]
+        d2 = ((coords[b, i] - coords[b, j]) ** 2).sum(-1)  # (n_close,)
+        n_pairs = coords.shape[0] * int(self.n_clash_pairs)
+        return (torch.relu(c2 - d2) ** 2).sum() / (c2**2 * n_pairs)
 
     def losses(self, batch: dict, progress: float = 1.0) -> dict:
         mu, logvar = self.posterior(batch)
