@@ -132,6 +132,14 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
+# Keys that may change between a run and its resume: how data are served, and where the files are (moved
+# files are checked by the dataset and ground-truth fingerprints of provenance.json instead).
+RESUMABLE_CHANGES = {
+    "data.num_workers", "data.lazy", "data.memory_cap_gb", "data.cache_dir", "data.datadir", "data.particles",
+    "data.poses", "data.ctf", "data.labels", "data.gt_volumes", "data.root",
+}
+
+
 def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     """The checkpoint to continue from (``checkpoints/last.ckpt``) or None; see ``TrainConfig.resume``.
 
@@ -154,7 +162,8 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
         stored = _flat(OmegaConf.to_container(OmegaConf.load(stored_path)))
         now = _flat(OmegaConf.to_container(cfg, resolve=True))
         for key in sorted(set(stored) | set(now)):
-            if key.split(".")[0] in ("data", "model", "seed") and stored.get(key) != now.get(key):
+            compared = key.split(".")[0] in ("data", "model", "seed") and key not in RESUMABLE_CHANGES
+            if compared and stored.get(key) != now.get(key):
                 raise InputError(f"{out_dir} holds a run with {key}={stored.get(key)} (now {now.get(key)}); "
                                  "resume with the same data, model and seed, or pass resume=false to start over")
     return str(last)
