@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import cryobench_lab.callbacks.evaluation as evaluation
+from cryobench_lab.callbacks import evaluation
 from cryobench_lab.cli import CONF_DIR
 from cryobench_lab.config import register_configs
 from cryobench_lab.run import run
