@@ -8,7 +8,7 @@ Runs that finished in an earlier invocation with the same --work folder are reus
 1. Simulates the ``adk`` preset (10 states x 100 images, D=64, SNR 0.1) straight into CryoBench's download layout
    (``python -m cryobench_lab.simulate --layout cryobench``).
 2. Runs ``python -m cryobench_lab experiment=cryobench_igg1d_<method> +smoke=true data.root=<replica>`` for every
-   method (segvae with the replica's state-0 atomic model), backproject through three other dataset configs
+   method (segvae with the replica's state-0 atomic model, focused with the whole-particle mask), backproject through three other dataset configs
    and drgnai through spikemd (per-image FSC only; its oracle would need one volume per image).
 3. Writes the leaderboard (Markdown + CSV) and the raw numbers (JSON) to bench/results/.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae", "partgmm"]
+METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae", "partgmm", "multiclass", "focused"]
 OTHER_DATASETS = ["iggrl", "ribosembly", "tomotwin100"]
 
 
@@ -48,6 +48,8 @@ def main() -> int:
                f"data.root={root}", "data.snr=null", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
         if method == "segvae":
             cmd.append(f"model.structure={root / 'replica_structures' / 'state_000.cif'}")
+        if method == "focused":  # the replica has no region of interest: the whole-particle mask (nothing subtracted)
+            cmd.append(f"model.mask={root / 'init_mask' / 'mask.mrc'}")
         timing = run_dir / "bench_seconds.json"
         if (run_dir / "metrics.json").is_file() and timing.is_file():  # finished by an earlier invocation
             entry = json.loads(timing.read_text())
