@@ -206,6 +206,12 @@ def test_full_disk_fails_before_training(tiny_dataset, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_output_folder_under_a_file(tiny_dataset, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(InputError, match="is not writable .Not a directory."):
+        _run(["model=backproject", *_data(tiny_dataset)], tmp_path / "a_file" / "run")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_folder(tiny_dataset, tmp_path):
     locked = tmp_path / "locked"

@@ -64,9 +64,9 @@ def build_model(cfg: DictConfig, info):
 
 
 def _check_writable(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     probe = out_dir / ".write_test"
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
