@@ -174,6 +174,10 @@ def test_study_composes_and_its_wandb_version_has_the_same_grid(study):
     import yaml
     from hydra import compose, initialize_config_dir
 
+    from cryobench_lab.config import register_configs
+
+    register_configs()
+
     params = OmegaConf.load(REPO / "conf" / "sweep" / f"{study}.yaml").hydra.sweeper.params
     grid = {k: [v.strip() for v in str(values).split(",")] for k, values in params.items()}
     wandb_grid = yaml.safe_load((REPO / "sweeps" / f"{study}.wandb.yaml").read_text())["parameters"]
