@@ -57,3 +57,14 @@ def test_parallel_launchers_run_every_job(tiny_dataset, tmp_path, launcher):
     again = _tiny_sweep(tiny_dataset, tmp_path / "sweeps", launcher)  # resumable with these launchers too
     assert again.returncode == 0
     assert (again.stderr + again.stdout).count("skipped:") == 2 or launcher[0].endswith("submitit_local")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_ddp_inside_a_local_sweep_runs_each_job_once(tiny_dataset, tmp_path):
+    """trainer=ddp in a multirun: each job's rank-1 process re-runs that job only (sweeps.prepare_ddp_relaunch),
+    and the next job starts its own process group."""
+    proc = _tiny_sweep(tiny_dataset, tmp_path / "sweeps", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stderr + proc.stdout).count("Starting with 2 processes") >= 2
+    assert len(list((tmp_path / "sweeps" / "segmentation_ablation").rglob("metrics.json"))) == 2

@@ -65,6 +65,7 @@ def test_chunked_shuffle_visits_every_image_once_in_contiguous_runs():
     assert list(ChunkedShuffleSampler(n, chunk, window, g)) == order  # reseeding replays the epoch
 
 
+@pytest.mark.slow
 def test_chunked_shuffle_trains_like_random(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     a = _run_in_process(["model=backproject", *_data_args(tiny_dataset)], tmp_path / "random", monkeypatch)
@@ -151,7 +152,8 @@ def test_per_image_tables_stay_synchronised_under_ddp(tmp_path):
 
 
 # ---- mixed precision -------------------------------------------------------------------------------------
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_bf16_mixed_precision_on_cpu(tiny_dataset, tmp_path, monkeypatch):
     """trainer.precision=bf16-mixed runs a method under CPU autocast. FFTs, sums and complex products stay fp32,
     but matrix products (slice coordinates R·k) drop to bf16: the oracle moves by ~1e-4 FSC-AUC. The mixture

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def record_failure(out_dir: Path, message: str) -> None:
 
 
 _CONFIG_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"}
+# what Lightning's DDP launcher writes into this process's environment (LOCAL_RANK there would make the next
+# job of the sweep believe its ranks are started externally); restored before every job
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_ENV_AT_START = {k: os.environ.get(k) for k in _LAUNCH_ENV}
 
 
 def prepare_ddp_relaunch(out_dir: Path) -> None:
@@ -89,6 +94,15 @@ def prepare_ddp_relaunch(out_dir: Path) -> None:
     """
     if not in_multirun():
         return
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the previous job's DDP group
+        torch.distributed.destroy_process_group()
+    for key, value in _ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
@@ -96,7 +110,8 @@ def prepare_ddp_relaunch(out_dir: Path) -> None:
     for a in args:  # keep --config-dir/--config-name (their value may be the next argument)
         if a.split("=")[0] in _CONFIG_FLAGS:
             flags += [a] if "=" in a else [a, next(args, "")]
-    sys.argv = [sys.argv[0], *flags, *hc.overrides.task, f"output_dir={out_dir}"]
+    quoted = str(out_dir).replace("\\", "\\\\").replace("'", "\\'")  # job folders hold '=' and ','
+    sys.argv = [sys.argv[0], *flags, *hc.overrides.task, f"output_dir='{quoted}'"]
     with open_dict_unlocked(hc):
         hc.run.dir = str(out_dir)
 
