@@ -20,6 +20,13 @@ Atom hooks (optional; the defaults return None = "no atoms"):
   against those residue groups.
 
 A method never computes metrics itself; a metric it cannot produce is written as NaN under the same key.
+
+Resume contract (run.py, callbacks/reliability.py): a run killed at any point continues from its last
+end-of-epoch checkpoint and ends with the uninterrupted run's result when everything a method learns or
+counts lives in parameters or persistent buffers (per-image tables included), schedules depend on
+``current_epoch`` rather than on Python counters, and randomness comes from torch's global generator (its
+state is saved). Weights are restored before ``on_fit_start``/``on_train_start``, so a data-dependent
+initialisation there must be skipped when a persistent flag says it was done.
 """
 
 from __future__ import annotations
