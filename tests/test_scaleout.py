@@ -141,7 +141,6 @@ def test_per_image_tables_stay_synchronised_under_ddp(tmp_path):
     equal a single process trained on the whole global batches."""
     import torch.multiprocessing as mp
 
-    torch.multiprocessing.set_start_method("spawn", force=True)
     mp.spawn(_tables_worker, args=(2, f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     model, batches, targets = _tables_problem()
