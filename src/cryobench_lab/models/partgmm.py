@@ -337,7 +337,7 @@ class PartGMM(ReconstructionModule):
             for _ in range(self.hparams.fit_steps):
                 vol = voxelize_gaussians(gs.centers, gs.sigma, gs.amp, D, apix)
                 loss = ((vol - target) ** 2).sum()
-                self.fit_losses.append(float(loss))
+                self.fit_losses.append(float(loss.detach()))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
