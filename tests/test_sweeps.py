@@ -49,6 +49,13 @@ def test_finished_metrics_needs_the_same_config_and_a_complete_file(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"train/wall_time_s": 1.0, "config_hash": config_hash(cfg)}))
     assert finished_metrics(tmp_path, cfg)["train/wall_time_s"] == 1.0
     assert finished_metrics(tmp_path, OmegaConf.merge(cfg, {"seed": 1})) is None
+    # a folder left by another config: its checkpoints are moved aside so the job starts over
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    assert finished_metrics(tmp_path, cfg) is not None and (tmp_path / "checkpoints").is_dir()  # same config: kept
+    assert finished_metrics(tmp_path, OmegaConf.merge(cfg, {"model": {"name": "b"}})) is None
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / f"checkpoints.stale-{config_hash(cfg)}").is_dir()
 
 
 def _fake_run(folder: Path, method: str, seed: int, n_classes: int, auc: float, ari: float) -> None:

@@ -51,15 +51,25 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def finished_metrics(out_dir: Path, cfg: DictConfig) -> dict | None:
-    """The run's metrics when ``out_dir/metrics.json`` is complete for this config, else None."""
-    path = Path(out_dir) / "metrics.json"
+    """The run's metrics when ``out_dir/metrics.json`` is complete for this config, else None.
+
+    When the folder holds a run of *another* config (the study's file changed since), its checkpoints are
+    moved aside (``checkpoints.stale-<hash>``) so that the job starts over instead of resuming them.
+    """
+    out_dir = Path(out_dir)
+    current = config_hash(cfg)
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads((out_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return None
-    if "train/wall_time_s" not in metrics or metrics.get("config_hash") != config_hash(cfg):
-        return None
-    return metrics
+        metrics = {}
+    if "train/wall_time_s" in metrics and metrics.get("config_hash") == current:
+        return metrics
+    stored = out_dir / "config.yaml"
+    if stored.is_file() and (out_dir / "checkpoints").is_dir():
+        old = config_hash(OmegaConf.load(stored))
+        if old != current:
+            (out_dir / "checkpoints").rename(out_dir / f"checkpoints.stale-{old}")
+    return None
 
 
 def in_multirun() -> bool:
