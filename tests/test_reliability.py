@@ -138,8 +138,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tiny_dat
     resumed = _entry([*args, "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    _same_metrics(metrics, json.loads((out / "metrics.json").read_text()))
+    after = json.loads((out / "metrics.json").read_text())
+    _same_metrics(metrics, after)
     assert len(json.loads((out / "provenance.json").read_text())["resumes"]) == 1
+    assert 0 < after["train/images_per_s"] < float("inf")  # the resumed session's one epoch
 
 
 def test_resume_refuses_other_config_and_missing_checkpoint(reference, tiny_dataset, tmp_path):

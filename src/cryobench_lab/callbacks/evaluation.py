@@ -169,10 +169,14 @@ class EvaluationCallback(L.Callback):
         self.eval_every = eval_every
         self.header = header or {}
         self.t_start = 0.0
+        self.first_epoch: int | None = None  # the epoch this session's training started at (> 0 when resumed)
         self.metrics: dict = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_epoch = trainer.current_epoch  # after a resume restored the loops (not yet at on_fit_start)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # DDP: intermediate scores on rank 0 only, like the final ones
@@ -192,6 +196,9 @@ class EvaluationCallback(L.Callback):
         info = self.datamodule.info
         metrics, figures = score_model(pl_module, self.datamodule, self.out_dir, self.options)
         epochs = max(trainer.current_epoch, 1)
+        # images/s of this session: a resumed run trained only the epochs since its checkpoint, and a rerun
+        # of a finished run trained none (NaN rather than a number from zero work)
+        trained = max(trainer.current_epoch - self.first_epoch, 1) if self.first_epoch is not None else 0
         self.metrics = {
             **self.header,
             "method": pl_module.method_name,
@@ -199,7 +206,7 @@ class EvaluationCallback(L.Callback):
             "box_size": info.box_size,
             "apix": info.apix,
             "train/wall_time_s": wall,
-            "train/images_per_s": info.n_particles * epochs / wall if wall > 0 else 0.0,
+            "train/images_per_s": info.n_particles * trained / wall if wall > 0 and trained > 0 else float("nan"),
             "train/epochs": epochs,
             **metrics,
         }
