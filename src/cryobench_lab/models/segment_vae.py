@@ -111,7 +111,6 @@ class SegmentVAE(ReconstructionModule):
         clash_threshold: float = 4.0,
         epochs: int = 30,
         traversal_steps: int = 10,
-        seed: int = 0,
     ):
         super().__init__(info, name)
         if mode not in MODES:
@@ -124,7 +123,6 @@ class SegmentVAE(ReconstructionModule):
         self.save_hyperparameters(ignore=["info"])
         self.default_epochs = epochs
         self.mode = mode
-        torch.manual_seed(seed)
         self.base = residue_gaussians(path, center=center)
         n = self.base.n_residues
         self.register_buffer("coords0", torch.from_numpy(self.base.coords))  # (n, 3) Å about the centre
