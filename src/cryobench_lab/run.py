@@ -132,6 +132,12 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
+def _first_process() -> bool:
+    """False in the other processes of a distributed run (Lightning's DDP children, SLURM ranks), which run
+    this module again: only the first one moves checkpoints aside and records provenance."""
+    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 # Keys that may change between a run and its resume: how data are served, and where the files are (moved
 # files are checked by the dataset and ground-truth fingerprints of provenance.json instead).
 RESUMABLE_CHANGES = {
@@ -149,7 +155,7 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if cfg.resume is False:
-        if ckpt_dir.exists():
+        if ckpt_dir.exists() and _first_process():
             ckpt_dir.rename(out_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         return None
     if not last.is_file():
@@ -172,6 +178,8 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
 def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> None:
     """``provenance.json``: versions and dataset fingerprints (provenance.py); a resume appends an entry and
     is refused when the data changed since the run started."""
+    if not _first_process():
+        return
     path = out_dir / "provenance.json"
     record = {"versions": environment(), **prints, "resumes": []}
     if resumed_from and path.is_file():
