@@ -78,7 +78,7 @@ class FocusedClassification(MulticlassEM):
         consensus: str | None = None,
         write_subtracted: bool = False,
         n_classes: int = 3,
-        epochs: int = 14,
+        epochs: int = 10,
         pca_passes: int = 4,
         pad: int = 2,
         noise: str = "image",

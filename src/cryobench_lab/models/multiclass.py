@@ -110,7 +110,7 @@ class MulticlassEM(ReconstructionModule):
         info: DatasetInfo,
         name: str = "multiclass",
         n_classes: int = 3,
-        epochs: int = 14,
+        epochs: int = 10,
         pca_passes: int = 4,
         pad: int = 2,
         noise: str = "image",
@@ -151,6 +151,8 @@ class MulticlassEM(ReconstructionModule):
         self.register_buffer("class_weight", torch.zeros(n_classes, dtype=torch.float64), persistent=False)
         self.register_buffer("residual_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("loglik_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("count_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("band_shell", torch.tensor(P // 2))  # likelihood band: voxel shells < this
         # initialisation: consensus, then principal volumes W (M ≤ 3) of the heterogeneity and coordinates z
         self.n_pca = pca_passes if n_classes > 1 else 0
         self.M = min(n_classes - 1, 3)
@@ -189,6 +191,7 @@ class MulticlassEM(ReconstructionModule):
         self.den.zero_()
         self.class_weight.zero_()
         self.residual_sum.zero_()
+        self.count_sum.zero_()
         self.loglik_sum.zero_()
         self._shells = self._shells.to(self.device)
         self.grid.band, self.grid.k = self.grid.band.to(self.device), self.grid.k.to(self.device)
@@ -200,6 +203,7 @@ class MulticlassEM(ReconstructionModule):
         self.m_step()
         if self.log_likelihood:
             self.log("em/log_likelihood", self.log_likelihood[-1], on_epoch=True)
+        self.log("em/band_px", float(self.band_shell) / self.grid.pad, on_epoch=True)
         for j, p in enumerate(self.log_pi.exp().tolist()):
             self.log(f"em/class_prior_{j}", p, on_epoch=True)
 
@@ -218,42 +222,48 @@ class MulticlassEM(ReconstructionModule):
         """
         Y = self.observations(batch)  # (B, n)
         c = self._ctf_band(batch)  # (B, n)
-        B, n = Y.shape
+        B = Y.shape[0]
         D2 = float(self.D**2)
         # shifted observations: the grid's shifts are added to the re-centring shift
         Ys = Y[:, None] * self.grid.take(phase_ramp(self.shift_grid, self.D))[None]  # (B, S, n)
         rots = torch.einsum("gab,ibc->igac", self.rot_grid, batch["rot"])  # (B, G, 3, 3): ΔR · R_i
         vox = self.grid.voxels(rots)  # (B, G, n)
-        y2 = Y.abs().square().sum(-1)  # (B,) the same for every shift (unit-modulus ramps)
+        # pixels whose voxel lies inside the current resolution band (the same for every shift)
+        inband = (self._shells.reshape(-1)[vox] < self.band_shell).to(Y.real.dtype)  # (B, G, n)
+        n_eff = inband.sum(-1)  # (B, G)
+        y2 = (Y.abs().square()[:, None] * inband).sum(-1)  # (B, G) (unit-modulus ramps)
         resid2 = []
         for j in range(self.K):
-            model = c[:, None] * self.spectra[j].reshape(-1)[vox]  # (B, G, n) CTF · slice
+            model = c[:, None] * self.spectra[j].reshape(-1)[vox] * inband  # (B, G, n) CTF · slice
             cross = torch.einsum("bsn,bgn->bsg", Ys.conj(), model).real  # (B, S, G)
             m2 = model.abs().square().sum(-1)  # (B, G)
-            resid2.append((y2[:, None, None] - 2 * cross + m2[:, None, :]).clamp(min=0))
+            resid2.append((y2[:, None, :] - 2 * cross + m2[:, None, :]).clamp(min=0))
         resid2 = torch.stack(resid2, 1)  # (B, K, S, G)
         if sigma2 is None:
             sigma2 = self.sigma2[batch["index"]]
         S, G = resid2.shape[2], resid2.shape[3]
         log_prior = self.log_pi[None, :, None, None] - math.log(S * G)
-        scores = log_prior - resid2 / (2 * D2 * sigma2[:, None, None, None]) - 0.5 * n * torch.log(2 * math.pi * sigma2)[:, None, None, None]
+        normaliser = 0.5 * n_eff[:, None, None, :] * torch.log(2 * math.pi * sigma2)[:, None, None, None]
+        scores = log_prior - resid2 / (2 * D2 * sigma2[:, None, None, None]) - normaliser
         loglik = scores.reshape(B, -1).logsumexp(1)  # (B,)
         log_post = scores - loglik[:, None, None, None]
-        return {"log_post": log_post, "loglik": loglik, "resid2": resid2, "Ys": Ys, "c": c, "vox": vox}
+        return {"log_post": log_post, "loglik": loglik, "resid2": resid2, "n_eff": n_eff, "Ys": Ys, "c": c, "vox": vox}
 
     def _em_step(self, batch: dict) -> None:
         out = self.e_step(batch)
         post = out["log_post"].exp()  # (B, K, S, G)
-        D2, n = float(self.D**2), out["c"].shape[1]
+        D2 = float(self.D**2)
         expected = (post * out["resid2"]).flatten(1).sum(1)  # (B,) E‖R‖² under the posterior
+        count = (post.sum((1, 2)) * out["n_eff"]).sum(1)  # (B,) expected number of compared pixels
         if self.hparams.noise == "image":
             # image-local M-step for σ_i (before the volumes, so they are solved with the new σ)
-            sigma2 = (expected / (D2 * n)).float()
+            sigma2 = (expected / (D2 * count)).float()
             self.sigma2[batch["index"]] = sigma2
             weight = 1.0 / (D2 * sigma2)  # (B,) inverse Fourier noise variance
         else:
             weight = torch.ones_like(expected, dtype=torch.float32)  # scaled by the new σ at the M-step
         self.residual_sum += expected.sum().double()
+        self.count_sum += count.sum().double()
         self.loglik_sum += out["loglik"].double().sum()
         self.class_weight += post.sum((2, 3)).double().sum(0)
         self._backproject(post, out, weight)
@@ -291,6 +301,8 @@ class MulticlassEM(ReconstructionModule):
         Y = self.observations(batch)  # (B, n)
         c = self._ctf_band(batch)
         vox = self.grid.voxels(batch["rot"])  # (B, n)
+        inband = (self._shells.reshape(-1)[vox] < self.band_shell).to(c.dtype)  # (B, n)
+        Y, c = Y * inband, c * inband
         cons = c * self.consensus_spectrum.reshape(-1)[vox]  # (B, n)
         basis = torch.cat([cons[:, None], c[:, None] * self.components[:, vox].transpose(0, 1)], 1)  # (B, 1+M, n)
         gram = torch.einsum("bmn,bln->bml", basis.conj(), basis).real  # (B, 1+M, 1+M)
@@ -320,6 +332,7 @@ class MulticlassEM(ReconstructionModule):
             self.sigma2.fill_(float(self.sigma2.mean()))
         tau2 = self._moment_tau2(self.num[:1], self.den[:1])  # (1, shells)
         self.tau2.copy_(tau2.expand_as(self.tau2))
+        self._update_band(self.den[:1])
         consensus = self.constrain(self._wiener(self.num[:1], self.den[:1], tau2))[0]
         self.consensus_spectrum = consensus
         self.spectra.copy_(consensus.expand_as(self.spectra))
@@ -372,16 +385,28 @@ class MulticlassEM(ReconstructionModule):
     def _em_m_step(self) -> None:
         num, den = self.num, self.den
         if self.hparams.noise == "global":
-            n_pix = self.info.n_particles * self.D**2 * len(self.grid.band)
-            s_new = float(self.residual_sum) / n_pix  # real-space σ²
+            s_new = float(self.residual_sum) / (self.D**2 * float(self.count_sum))  # real-space σ²
             self.sigma2.fill_(s_new)
             num, den = num / (self.D**2 * s_new), den / (self.D**2 * s_new)
         self.log_likelihood.append(float(self.loglik_sum) + float(self.log_prior_volumes()))
         if self.hparams.prior_update:
             self.tau2.copy_(self._moment_tau2(num, den))
+            self._update_band(den)
         self.spectra.copy_(self.constrain(self._wiener(num, den, self.tau2)))
         total = self.class_weight.sum().clamp(min=1e-12)
         self.log_pi.copy_(torch.log((self.class_weight / total).clamp(min=1e-12)).float())
+
+    def _update_band(self, den: torch.Tensor) -> None:
+        """Likelihood band = the first shell where every class's SSNR = τ²·⟨den⟩ (mean over sampled voxels)
+        drops below 1 (RELION's current resolution), at least 4 px of the image's spectrum."""
+        n_shells = self.grid.P // 2
+        total = torch.stack([shell_mean(d, self._shells, n_shells) for d in den])
+        sampled = torch.stack([shell_mean((d > 0).float(), self._shells, n_shells) for d in den])
+        ssnr = self.tau2[: len(den)] * total / sampled.clamp(min=1e-12)  # (J, shells)
+        below = ssnr < 1.0
+        below[:, 0] = False  # the DC shell says nothing about resolution
+        first = torch.where(below.any(1), below.float().argmax(1), torch.full_like(below[:, 0], n_shells, dtype=torch.long))
+        self.band_shell.fill_(int(min(max(int(first.max()), 4 * self.grid.pad), n_shells)))
 
     def _moment_tau2(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         """τ²(k) = ⟨|num/den|² − 1/den⟩ over each shell's sampled voxels, floored at a tiny positive value."""
