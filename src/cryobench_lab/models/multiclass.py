@@ -14,6 +14,13 @@ over a local grid g around them with a uniform prior: rotations ``ΔR · R_i`` w
 combination of {−1, 0, 1}·``local_step_deg`` about x, y and z (27), times shifts {−1, 0, 1}·
 ``shift_step_px`` on x and y (9).
 
+The likelihood compares only pixels whose voxel lies inside the current resolution band: the shells below
+the first one where every class's SSNR = τ²·⟨Σ γ CTF²/D²σ²⟩ drops below 1 (RELION's current resolution;
+at least 4 px), re-estimated with τ². Beyond it the class volumes are mostly each class's own images' noise,
+and comparing there lets every image prefer the class that already holds it (measured on tomotwin3: the
+same volumes give ARI 0.73 over the full band, 0.99 within 16 px). Backprojection still uses every pixel,
+so the SSNR and the band can grow.
+
 One epoch is one EM iteration over every particle:
 
 - E-step (each batch): posteriors γ_ijg ∝ π_j p(g) N(...) under the current parameters; each image's σ_i is
