@@ -11,7 +11,7 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
 
 - Stage 0, consensus: one pass of the homogeneous Wiener backprojection (``models/backproject.py`` with
   ``use_labels=False``). Gaussians are seeded on its support — voxels above ``median + support_mads · MAD``
-  (a robust noise level of the mostly-solvent box) — uniformly, σ = half the mean spacing
+  of the non-zero voxels inside its sphere mask (a robust noise level of the mostly-solvent box) — uniformly, σ = half the mean spacing
   ``(support volume / n)^(1/3)`` (at least apix/2), then centres, σ and amplitudes are fitted to the
   consensus in 3D (``fit_steps`` Adam steps on voxelised Gaussians: a homogeneous Gaussian fit).
 - Stage 1, part discovery: ``n_coarse`` Gaussians, each with a feature f_i (``feature_dim``); one MLP of
@@ -305,7 +305,9 @@ class PartGMM(ReconstructionModule):
             self._bp[0].solve()
             self.consensus.copy_(self._bp[0].volumes[0])
             self._bp.clear()
-            v = self.consensus
+            # Robust noise level over the voxels the reconstruction defines: the backprojection's sphere
+            # mask zeroes about half the box, and those exact zeros would collapse the MAD to ~0.
+            v = self.consensus[self.consensus != 0]
             med = v.median()
             self.support_threshold.copy_(med + self.hparams.support_mads * 1.4826 * (v - med).abs().median())
             self._seed(self.coarse, self.hparams.seed)
