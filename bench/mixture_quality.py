@@ -5,7 +5,7 @@ our decoder's width and depth (3 residual hidden layers of 256, as its --dec-lay
 encoder the same), fixed poses and CTF, z dimension 8, its other defaults (batch 16, lr 1e-4,
 β = 1/zdim, Gaussian positional encoding) for ``--epochs`` epochs: by default the same number of passes
 over the data as our model's default. It writes weights and latents after every epoch, so a run cut short
-is scored at its last finished epoch (``--epoch``).
+is scored at its last finished epoch (``--epoch``; cryoDRGN 4 numbers weights.E.pkl from 1).
 
 Scored with our metrics (metrics/protocols.py, metrics/classes.py):
 
@@ -58,7 +58,7 @@ def score(folder: Path, cryodrgn: str, out: Path, epoch: int | None) -> dict:
     from cryobench_lab.metrics.fsc import fsc_summary
     from cryobench_lab.metrics.protocols import per_conformation_fsc
 
-    if epoch is None:  # the last epoch whose weights were written
+    if epoch is None:  # the last epoch whose weights were written (cryoDRGN 4 numbers them from 1)
         epoch = max(int(p.name.split(".")[1]) for p in out.glob("weights.*.pkl"))
     weights, zfile = out / f"weights.{epoch}.pkl", out / f"z.{epoch}.pkl"
     labels = np.load(folder / "labels.npy")
@@ -91,8 +91,8 @@ def score(folder: Path, cryodrgn: str, out: Path, epoch: int | None) -> dict:
         per_class.append({"cluster": k, "size": int(len(members)), "state": majority,
                           "auc": fsc_summary(vols[k], gt[majority], apix=apix)["auc"]})
     epoch_s = _cryodrgn_epoch_times(out / "run.log")
-    return {"epochs_trained": epoch + 1, "train_s": float(sum(epoch_s[: epoch + 1])),
-            "images_per_s": len(labels) * (epoch + 1) / sum(epoch_s[: epoch + 1]),
+    return {"epochs_trained": epoch, "train_s": float(sum(epoch_s[:epoch])),
+            "images_per_s": len(labels) * epoch / sum(epoch_s[:epoch]),
             "ari_kmeans": cls["ari"], "kmeans_sizes": cls["class_sizes"],
             "fsc_auc_mean": conf["fsc_auc_mean"], "fsc_auc_per_state": [p["auc"] for p in conf["per_state"]],
             "fsc_auc_kmeans_centres_mean": float(np.mean([p["auc"] for p in per_class])),
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--cryodrgn-out", type=Path, required=True)
     ap.add_argument("--train", action="store_true", help="run train_vae first (else score an existing output)")
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--epoch", type=int, default=None, help="0-based epoch to score (default: the last written)")
+    ap.add_argument("--epoch", type=int, default=None, help="epochs after which to score (weights.E.pkl; default: the last written)")
     ap.add_argument("--cryodrgn", default=str(REPO / ".venv-cryodrgn" / "bin" / "cryodrgn"))
     args = ap.parse_args()
     from cryobench_lab.data.presets import ensure_dataset
@@ -125,14 +125,14 @@ def main() -> None:
     peer = train(folder, args.cryodrgn, args.epochs, args.cryodrgn_out) if args.train else {}
     peer.update(score(folder, args.cryodrgn, args.cryodrgn_out, args.epoch))
     result["cryodrgn"] = peer
-    result["ours"] = ours(args.ours)
     out_path = REPO / "bench" / "results" / "mixture_quality.json"
-    out_path.write_text(json.dumps(result, indent=2))
-    o = result["ours"]
     print("| method | epochs | mean FSC-AUC (per-conformation) | per-state FSC-AUC | ARI | training time (s) |\n"
           "|---|---|---|---|---|---|")
-    print(f"| model=hydra | {o['epochs']} | {o['fsc_auc_mean']:.4f} | {', '.join(f'{a:.3f}' for a in o['fsc_auc_per_state'])} "
-          f"| {o['ari']:.3f} | {o['train_s']:.0f} |")
+    if (args.ours / "metrics.json").exists():  # a run still training is left out
+        result["ours"] = o = ours(args.ours)
+        print(f"| model=hydra | {o['epochs']} | {o['fsc_auc_mean']:.4f} | {', '.join(f'{a:.3f}' for a in o['fsc_auc_per_state'])} "
+              f"| {o['ari']:.3f} | {o['train_s']:.0f} |")
+    out_path.write_text(json.dumps(result, indent=2))
     print(f"| cryoDRGN train_vae | {peer['epochs_trained']} | {peer['fsc_auc_mean']:.4f} | "
           f"{', '.join(f'{a:.3f}' for a in peer['fsc_auc_per_state'])} | {peer['ari_kmeans']:.3f} (k-means) | "
           f"{peer['train_s']:.0f} |")
