@@ -46,7 +46,7 @@ def main() -> None:
     a = torch.randn(2048, 2048)
     peak = 2 * 2048**3 / _best(lambda: a @ a, 5)
     info = DatasetInfo(n_particles=B, box_size=D, apix=apix, has_poses=True)
-    sizes = dict(hidden_dim=128, n_layers=3) if args.paper else {}
+    sizes = {"hidden_dim": 128, "n_layers": 3} if args.paper else {}
     model = PartGMM(info, n_coarse=16, n_fine=N, n_anchors=16, **sizes)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a compact particle of radius ~60 Å, σ from the seeding rule

@@ -59,8 +59,9 @@ def data() -> tuple[DatasetInfo, list[dict]]:
 
 
 def _model(info: DatasetInfo, **kw) -> PartGMM:
-    args = dict(n_coarse=64, n_fine=128, hidden_dim=16, n_layers=2, anchor_hidden=16, anchor_layers=2, n_anchors=4,
-                fit_steps=20, stage1_epochs=1, stage2_epochs=1, gaussian_lr=3e-2, latent_lr=0.1, lr=3e-3)
+    args = {"n_coarse": 64, "n_fine": 128, "hidden_dim": 16, "n_layers": 2, "anchor_hidden": 16, "anchor_layers": 2,
+            "n_anchors": 4, "fit_steps": 20, "stage1_epochs": 1, "stage2_epochs": 1, "gaussian_lr": 3e-2,
+            "latent_lr": 0.1, "lr": 3e-3}
     args.update(kw)
     return PartGMM(info, **args)
 
@@ -108,7 +109,7 @@ def test_renderer_matches_project_gaussians_and_its_gradients():
 def test_kmeans_silhouette_and_allocation():
     g = np.random.default_rng(0)
     x = np.concatenate([g.normal(0, 0.1, (50, 2)), g.normal(5, 0.1, (30, 2))])
-    labels, c = kmeans_pp(x, 2, seed=3)
+    labels, _ = kmeans_pp(x, 2, seed=3)
     assert sorted(np.bincount(labels).tolist()) == [30, 50]
     assert silhouette(x, labels) > 0.9
     assert allocate(np.array([60, 30, 10]), 10).tolist() == [6, 3, 1]
@@ -124,7 +125,7 @@ def test_each_stage_lowers_its_loss(trained):
 
 
 def test_part_discovery_is_deterministic_and_resume_keeps_anchors(trained, data):
-    info, batches = data
+    info = data[0]
     model = trained["model"]
     resumed = _model(info, resume=str(trained["ckpt"]))
     assert int(resumed.stage_done) == 1 and resumed._schedule == [2]
@@ -142,8 +143,8 @@ def test_decode_contract_and_outputs(trained, tmp_path):
     vols = model.decode(z, None)
     assert vols.shape == (4, D, D, D) and torch.isfinite(vols).all() and vols.sum() > 0
     summary = model.write_outputs(tmp_path)
-    import mrcfile
     import gemmi
+    import mrcfile
 
     with mrcfile.open(tmp_path / "parts.mrc") as m:
         labels = m.data

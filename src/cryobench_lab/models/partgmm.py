@@ -192,6 +192,8 @@ class PartGMM(ReconstructionModule):
             raise ValueError(f"model.features must be one of {', '.join(FEATURES)}, got {features!r}")
         if not info.has_poses:
             raise ValueError(f"model={name} uses known poses: pass data.poses= or a star/cs file with angles")
+        if n_parts is not None and not 1 <= n_parts <= n_anchors:
+            raise ValueError(f"model.n_parts must be in [1, n_anchors={n_anchors}] (each part needs an anchor), got {n_parts}")
         if feature_dim % 2:
             raise ValueError(f"model.feature_dim must be even (sin/cos pairs for features=positional), got {feature_dim}")
         self.save_hyperparameters(ignore=["info"])
@@ -269,12 +271,11 @@ class PartGMM(ReconstructionModule):
         stage = self.stage_of_epoch(self.current_epoch)
         if stage == 0:
             self.consensus_step(batch)
-            return None
+            return
         out = self.step(batch, stage)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=batch["images"].shape[0])
         self.log("train/stage", float(stage), on_step=True, on_epoch=False)
-        return None
 
     def on_train_epoch_end(self) -> None:
         stage = self.stage_of_epoch(self.current_epoch)
@@ -350,7 +351,9 @@ class PartGMM(ReconstructionModule):
         """k-means++ on the coarse features, then on positions per part → anchors; re-seed the fine mixture."""
         h = self.hparams
         feats = self._coarse_features().cpu().numpy()
-        found = discover_anchors(feats, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors, h.max_parts, h.seed)
+        # every part needs an anchor: at most n_anchors parts
+        found = discover_anchors(feats, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors,
+                                 min(h.max_parts, h.n_anchors), h.seed)
         K = len(found["anchor_index"])
         idx = torch.from_numpy(found["anchor_index"]).to(self.device)
         self.anchor_centers.zero_()
@@ -440,7 +443,7 @@ class PartGMM(ReconstructionModule):
         return {"latent": self.latents(batch["index"]).detach(), "class_probs": None}
 
     def _current_stage(self) -> int:
-        return 2 if int(self.stage_done) >= 2 else int(self.stage_done)
+        return min(2, int(self.stage_done))
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor | None, classes: torch.Tensor | None) -> torch.Tensor:

@@ -115,7 +115,7 @@ def discover_anchors(
     anchor_index, anchor_part = [], []
     for p, c in enumerate(counts):
         members = np.flatnonzero(part == p)
-        local, centroids = kmeans_pp(positions[members], int(c), seed + 1 + p)
+        local, centroids = kmeans_pp(positions[members], c, seed + 1 + p)
         for j in range(len(centroids)):
             inside = members[local == j]
             if len(inside) == 0:
@@ -125,4 +125,4 @@ def discover_anchors(
             anchor_index.append(nearest)
             anchor_part.append(p)
     return {"part": part, "anchor": anchor, "anchor_index": np.array(anchor_index, np.int64),
-            "anchor_part": np.array(anchor_part, np.int64), "n_parts": int(len(ids))}
+            "anchor_part": np.array(anchor_part, np.int64), "n_parts": len(ids)}
