@@ -199,6 +199,29 @@ def test_checkpoint_reload_gives_identical_volumes(two_class_run, tmp_path):
     assert torch.equal(model.embed(batch)["class_probs"], reloaded.embed(batch)["class_probs"])
 
 
+@pytest.mark.parametrize("encoder", ["none", "mlp"])
+def test_checkpoint_reload_with_latents(encoder, tiny_dataset, tmp_path):
+    """K=2, d=2 with per-image tables or an amortised VAE encoder: the reloaded model embeds every image to
+    the same probabilities and latents, and decodes each class at those latents to the same volumes."""
+    L.seed_everything(0, verbose=False)
+    dm = _datamodule(tiny_dataset)
+    model = MixtureOfFields(dm.info, n_classes=2, latent_dim=2, encoder=encoder, vae=encoder != "none",
+                            encoder_hidden=32, encoder_layers=1, **SMALL)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    reloaded = MixtureOfFields.load_from_checkpoint(tmp_path / "model.ckpt", info=dm.info)
+    model.eval()
+    reloaded.eval()
+    batch = next(iter(dm.all_dataloader()))
+    a, b = model.embed(batch), reloaded.embed(batch)
+    assert torch.equal(a["class_probs"], b["class_probs"]) and torch.equal(a["latent"], b["latent"])
+    z = a["latent"][0]  # (K, d): image 0's latent in each class
+    for k in range(2):
+        assert torch.equal(model.decode(z[k : k + 1], torch.tensor([k])), reloaded.decode(z[k : k + 1], torch.tensor([k])))
+
+
 @pytest.mark.parametrize("variant", ["hydra", "drgnai", "classify3d", "cryodrgn"])
 def test_variants_instantiate_and_step(variant, tiny_dataset, tmp_path):
     """Each named config builds through run.py's path (keys checked against the signature) and trains a step."""
