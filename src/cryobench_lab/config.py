@@ -40,6 +40,10 @@ class DataConfig:
     labels: Optional[str] = None  # .npy or .pkl, one integer label per particle
     gt_volumes: Optional[str] = None  # folder of .mrc files in label order
     structure: Optional[str] = None  # base atomic model for atom-based methods
+    gt_structures: Optional[str] = None  # folder of per-state atomic models (state_XXX.cif/.pdb) in label order
+    # residue groups of the atom metrics: {name: [first, last] residue number}; the rest is CORE. None: the
+    # chains are the groups. Typed Any: a typed Optional[Dict] node rejects data.domains={...} on the command line
+    domains: Any = None
     datadir: Optional[str] = None  # folder that relative stack paths in a star/cs file refer to
     apix: Optional[float] = None  # Å/px, used only where the files lack it
     # --- serving

@@ -10,6 +10,11 @@ into the run folder:
   ``volumes/class_XXX.mrc`` per class when the data has no ground truth (voxel size set);
 - ``figures/*.png``: FSC curves, latent embedding, confusion matrix, class sizes, volume montage.
 
+The scalar keys depend only on the dataset (which ground truth it carries) and the options, never on the
+method: a metric a method cannot produce (classification without classes, atom metrics without
+``structure``) is written as NaN. Atom metrics (when the data carry ``gt_structures``): the model's
+``structure(latent)`` of every labelled image against its state's true structure (metrics/atoms.py).
+
 Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics`` and figures through W&B's
 ``log_image``; model code never touches a logger.
 """
@@ -17,6 +22,7 @@ Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics`` and figur
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +32,11 @@ import numpy as np
 import torch
 
 from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import write_mrc
+from cryobench_lab.io.structures import read_structure
 from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
+from cryobench_lab.metrics.atoms import per_image_atom_metrics, residue_groups
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
@@ -35,6 +44,8 @@ from cryobench_lab.metrics.protocols import MASKED, per_conformation_fsc, per_im
 from cryobench_lab import plots
 
 MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
+CLASH_IMAGES = 500  # predicted structures whose clashes are counted (evenly spaced images; O(n_res²) each)
+CLASS_KEYS = ("ari", "nmi", "n_empty_classes")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -128,6 +139,8 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         for k in range(n_classes):
             vol = decode(None, torch.tensor([k]))[0]
             write_mrc(vol_dir / f"class_{k:03d}.mrc", vol.numpy(), apix=info.apix)
+    if labels is not None:
+        result.update({k: float("nan") for k in CLASS_KEYS})  # overwritten below by a method with classes
     if probs is not None:
         n_classes = probs.shape[1]
         assigned = probs.argmax(1)
@@ -141,6 +154,8 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             result.update(class_sizes=sizes.tolist(), n_empty_classes=int((sizes == 0).sum()))
         if options.figures:
             figures["class_sizes"] = plots.plot_class_sizes(fig_dir / "class_sizes.png", result["class_sizes"], result.get("confusion"))
+    if labels is not None and info.gt_structures:
+        result.update(atom_scores(model, latent, probs, info))
     if latent is not None and options.figures:
         z = assigned_latent(latent, probs)
         if z.shape[1] >= 2:
@@ -152,6 +167,54 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
     if was_training:
         model.train()
     return {f"{split}/{k}": v for k, v in result.items()}, figures
+
+
+def load_gt_structures(info) -> list:
+    """The per-state atomic models of ``info.gt_structures`` (``state_XXX.*``, label order) → Structures."""
+    files = sorted(p for p in Path(info.gt_structures).glob("state_*.*") if not p.name.endswith(".tmp"))
+    if len(files) < info.n_states:
+        raise InputError(
+            f"data.gt_structures: {info.gt_structures} holds {len(files)} state_XXX structures for "
+            f"{info.n_states} labelled states; give one per state or unset it"
+        )
+    return [read_structure(f) for f in files[: info.n_states]]
+
+
+@torch.no_grad()
+def atom_scores(model, latent, probs, info) -> dict:
+    """Atom metrics of ``model.structure`` on every labelled image (keys: metrics/atoms.py
+    :func:`per_image_atom_metrics` plus ``segmentation_ari``); NaN where the model has no atoms.
+
+    latent (N, d) / (N, K, d) in particle order; the truth of image i is the structure of its state.
+    ``segmentation_ari``: ARI between the model's ``segment_labels()`` and the residue groups (domains).
+    """
+    truth = load_gt_structures(info)
+    ref = truth[0]
+    names, groups, pairs = residue_groups(ref.residue_numbers, ref.residue_chain_ids, info.domains)
+    labels = torch.as_tensor(info.labels).long()
+    known = torch.nonzero(labels >= 0).squeeze(1)
+    true = torch.from_numpy(np.stack([t.residue_coords for t in truth]))[labels[known]]  # (N', n, 3)
+    z = assigned_latent(latent, probs) if latent is not None else None
+    pred = model.structure(z[known]) if z is not None else model.structure(None)
+    clash_rows = np.unique(np.linspace(0, len(known) - 1, min(CLASH_IMAGES, len(known))).round().astype(int))
+    if pred is not None and pred.shape[-2] != true.shape[1]:
+        print(f"[cryobench_lab] atom metrics skipped: the model has {pred.shape[-2]} residues, the ground-truth "
+              f"structures {true.shape[1]}; give the model a base structure with the same residues", file=sys.stderr)
+        pred = None
+    if pred is None:  # no atoms: the same keys, NaN
+        out = per_image_atom_metrics(true, true, names, groups, pairs, ref.residue_chain_ids, clash_rows)
+        out = {k: (v if k == "clashes_true_median" else float("nan")) for k, v in out.items()}
+    else:
+        pred = pred.float().cpu().expand(len(known), -1, -1)  # a latent-free model: one structure for all
+        out = per_image_atom_metrics(pred, true, names, groups, pairs, ref.residue_chain_ids, clash_rows)
+    segments = model.segment_labels() if hasattr(model, "segment_labels") else None
+    out["segmentation_ari"] = float("nan")
+    if segments is not None and groups:
+        domain = np.zeros(len(ref.residue_numbers), np.int64)
+        for k, g in enumerate(groups):
+            domain[g] = k
+        out["segmentation_ari"] = float(classification_metrics(torch.as_tensor(segments), torch.as_tensor(domain))["ari"])
+    return out
 
 
 def scalar_metrics(metrics: dict) -> dict:

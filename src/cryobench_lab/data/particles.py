@@ -74,6 +74,8 @@ class DatasetInfo:
     gt_volumes: Optional[torch.Tensor] = None  # (S, D, D, D) at box D, apix as above (a VolumeFiles if large)
     mask: Optional[torch.Tensor] = None  # (D, D, D) the dataset's own FSC mask (CryoBench init_mask/mask.mrc)
     structure: Optional[str] = None
+    gt_structures: Optional[str] = None  # folder of per-state atomic models (state_XXX.cif/.pdb, label order)
+    domains: Optional[dict] = None  # {name: [first, last] residue number}: groups for the atom metrics
     source: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -290,7 +292,7 @@ class ParticleDataModule(L.LightningDataModule):
         cfg = self.cfg
         files = dict(
             particles=cfg.particles, poses=cfg.poses, ctf=cfg.ctf, labels=cfg.labels,
-            gt_volumes=cfg.gt_volumes, structure=cfg.structure, meta={},
+            gt_volumes=cfg.gt_volumes, structure=cfg.structure, gt_structures=cfg.gt_structures, meta={},
         )
         if cfg.layout is not None:
             if cfg.layout != "cryobench":
@@ -313,6 +315,8 @@ class ParticleDataModule(L.LightningDataModule):
                 particles=str(folder / "particles.star"), labels=str(folder / "labels.npy"),
                 gt_volumes=str(folder / "gt_volumes"), meta=meta,
             )
+            if files["gt_structures"] is None and meta.get("files", {}).get("gt_structures"):
+                files["gt_structures"] = str(folder / meta["files"]["gt_structures"])
             if files["structure"] is None and meta.get("structure"):
                 files["structure"] = meta["structure"]
         elif not cfg.particles:
@@ -348,8 +352,9 @@ class ParticleDataModule(L.LightningDataModule):
         mask = _load_mask(files["mask"], files["volume_box"], D) if files.get("mask") else None
         self.info = DatasetInfo(
             n_particles=n, box_size=D, apix=meta.apix * meta.D / D, has_poses=meta.rot is not None, mask=mask,
-            labels=labels, gt_volumes=gt, structure=files["structure"], source=str(files["particles"]),
-            meta=files["meta"],
+            labels=labels, gt_volumes=gt, structure=files["structure"], gt_structures=files["gt_structures"],
+            domains={k: [int(v) for v in r] for k, r in cfg.domains.items()} if cfg.domains else None,
+            source=str(files["particles"]), meta=files["meta"],
         )
         rng = np.random.default_rng(cfg.split_seed)
         perm = rng.permutation(n)
