@@ -93,6 +93,7 @@ def test_em_objective_increases_every_iteration(noise):
     assert model.log_likelihood[-1] > model.log_likelihood[0]
 
 
+@pytest.mark.slow
 def test_em_with_local_pose_search_ascends_and_classifies():
     info, data = _two_state_data(n_per=150)
     model = _fit(MulticlassEM(info, n_classes=2, prior_update=False, pose_search="local"), data, iterations=3)

@@ -427,11 +427,10 @@ class MulticlassEM(ReconstructionModule):
         return tau2.clamp(min=0) + floor
 
     def log_prior_volumes(self) -> torch.Tensor:
-        """Σ_j log N(V_j | 0, τ_j²) over the voxels inside the Nyquist sphere, each voxel once (as the M-step's
-        ``1/τ²`` term assumes)."""
-        n_shells = self.grid.P // 2
+        """Σ_j log N(V_j | 0, τ_j²) over the voxels of the likelihood band, each voxel once (as the M-step's
+        ``1/τ²`` term assumes); voxels beyond the band are not part of the objective."""
         shells = self._shells.reshape(-1)
-        inside = shells < n_shells
+        inside = shells < self.band_shell
         t = self.tau2[:, shells[inside]]  # (K, M)
         v2 = self.spectra.reshape(self.K, -1)[:, inside].abs().square()
         return -0.5 * (v2 / t + torch.log(2 * math.pi * t)).sum().double()
