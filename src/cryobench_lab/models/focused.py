@@ -101,7 +101,8 @@ class FocusedClassification(MulticlassEM):
             raise InputError(f"{mask}: model.mask is zero everywhere; pass a mask with ones over the region of interest")
         self.register_buffer("focus", focus)
         self.register_buffer("outside", torch.zeros(self.D, self.D, self.D))  # a · V_cons · (1 − M)
-        self.register_buffer("outside_spectrum", slice_spectrum(self.outside), persistent=False)
+        # saved with the checkpoint, so a reloaded model subtracts without recomputing the consensus
+        self.register_buffer("outside_spectrum", slice_spectrum(self.outside))
         self.consensus_path = consensus
         self.consensus_ready = False
 
