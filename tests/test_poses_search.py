@@ -154,18 +154,25 @@ def test_pose_scores_per_class():
 
 
 def test_mirror_aware_alignment_finds_a_planted_flip():
-    D = 24
+    D = 20
     vol = blobs(D, n=8, seed=7)
     A = random_rotations(1, generator=torch.Generator().manual_seed(8))[0]
     planted = apply_alignment(vol, A, torch.tensor([1.5, -1.0, 0.5]), flipped=True)  # mirrored, turned, moved
-    out = align_volumes(planted, vol, n_keep=2)
+    out = align_volumes(planted, vol, n_keep=2, levels=4)
     assert out["flipped"]
     assert out["score"] > 0.98
     unaligned = fsc_summary(planted, vol, 1.0)["auc"]
     aligned = fsc_summary(out["aligned"], vol, 1.0)["auc"]
-    assert aligned > 0.4 > unaligned  # a perfect curve is (D/2 − 1)/D = 0.458
-    # the unflipped volume is matched without the flip
-    assert not align_volumes(apply_alignment(vol, A, torch.zeros(3), flipped=False), vol, n_keep=1)["flipped"]
+    assert aligned > 0.4 > unaligned  # a perfect curve is (D/2 − 1)/D = 0.45
+
+
+@pytest.mark.slow
+def test_alignment_of_an_unflipped_volume_keeps_its_hand():
+    D = 20
+    vol = blobs(D, n=8, seed=7)
+    A = random_rotations(1, generator=torch.Generator().manual_seed(8))[0]
+    out = align_volumes(apply_alignment(vol, A, torch.zeros(3), flipped=False), vol, n_keep=2, levels=4)
+    assert not out["flipped"] and out["score"] > 0.98
 
 
 def test_mirror_is_the_z_flip_about_the_box_centre():
