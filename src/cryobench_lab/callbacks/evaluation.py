@@ -31,12 +31,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.structures import read_structure
 from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
-from cryobench_lab.metrics.atoms import per_image_atom_metrics, residue_groups
+from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
@@ -191,6 +191,12 @@ def atom_scores(model, latent, probs, info) -> dict:
     truth = load_gt_structures(info)
     ref = truth[0]
     names, groups, pairs = residue_groups(ref.residue_numbers, ref.residue_chain_ids, info.domains)
+    sizes = sorted({len(t.residue_numbers) for t in truth})
+    if len(sizes) > 1:
+        # Compositional states or distinct complexes: no one residue set for a deformed model to follow.
+        print(f"[cryobench_lab] atom metrics not defined: the ground-truth states in {info.gt_structures} have "
+              f"{sizes[0]}–{sizes[-1]} residues, not one residue set", file=sys.stderr)
+        return {k: float("nan") for k in [*atom_metric_keys(names, pairs), "segmentation_ari"]}
     labels = torch.as_tensor(info.labels).long()
     known = torch.nonzero(labels >= 0).squeeze(1)
     true = torch.from_numpy(np.stack([t.residue_coords for t in truth]))[labels[known]]  # (N', n, 3)

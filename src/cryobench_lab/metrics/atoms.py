@@ -170,6 +170,12 @@ def residue_groups(residue_numbers, chain_ids, domains: dict | None = None) -> t
     return names, groups, list(combinations(range(len(names)), 2))
 
 
+def atom_metric_keys(names: Sequence[str], pairs: Sequence[tuple[int, int]]) -> list[str]:
+    """The keys :func:`per_image_atom_metrics` returns for these residue groups, in its order."""
+    pair_keys = [f"dist_corr_{names[a]}_{names[b]}" for a, b in pairs]
+    return pair_keys + ["distance_corr", "clashes_mean", "clashes_median", "clashes_true_median"]
+
+
 def per_image_atom_metrics(
     pred_coords,
     true_coords,
@@ -193,8 +199,8 @@ def per_image_atom_metrics(
         d_pred = centre_of_mass_distances(pred_coords, groups, pairs)  # (N, P)
         d_true = centre_of_mass_distances(true_coords, groups, pairs)
         corrs = [distance_correlation(d_pred[:, p], d_true[:, p]) for p in range(len(pairs))]
-        for (a, b), r in zip(pairs, corrs):
-            out[f"dist_corr_{names[a]}_{names[b]}"] = r
+        for key, r in zip(atom_metric_keys(names, pairs), corrs):
+            out[key] = r
         out["distance_corr"] = float(np.mean(corrs))
     else:
         out["distance_corr"] = float("nan")
