@@ -44,14 +44,15 @@ def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> tor
 class NearestGrid:
     """Band pixels of a ``D × D`` image and their nearest voxels in a ``pad``-oversampled 3D spectrum.
 
-    ``band``: flat indices (n,) of the centred image pixels with ``|k| < D / 2`` (the Nyquist disc, so every
-    voxel index stays inside the box and Hermitian partners ``±k`` map to voxels ``±v``).
+    ``band``: flat indices (n,) of the centred image pixels with ``|k| < D/2 − 1/(2·pad)`` (the Nyquist disc
+    less half a voxel, so every rounded voxel index stays within ``±(P/2 − 1)`` of the centre and Hermitian
+    partners ``±k`` map to voxels ``±v``).
     """
 
     def __init__(self, D: int, pad: int = 2, device=None):
         self.D, self.pad, self.P = D, pad, pad * D
         k = grid_2d(D, device=device)  # (D, D, 2) cycles/box
-        inside = k.square().sum(-1) < (D / 2) ** 2
+        inside = k.square().sum(-1) < (D / 2 - 0.5 / pad) ** 2
         self.band = torch.nonzero(inside.reshape(-1)).squeeze(1)  # (n,)
         self.k = k.reshape(-1, 2)[self.band]  # (n, 2)
 
