@@ -13,13 +13,13 @@ from cryobench_lab.metrics.fsc import fsc_summary
 def figures(monkeypatch):
     """Capture each Figure as it is saved, to inspect what the PNG shows."""
     captured = []
-    save = plots._save
+    save = plots.save_figure
 
-    def spy(fig, path):
+    def spy(fig, path, dpi=None):
         captured.append(fig)
-        return save(fig, path)
+        return save(fig, path, dpi)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plots, "save_figure", spy)
     return captured
 
 

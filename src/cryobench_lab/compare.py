@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import atomic_path, write_text_atomic
+from cryobench_lab.plots import save_figure
 
 #: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their short labels
 PRIORITY = {
@@ -208,8 +210,7 @@ def fsc_figure(path: Path, runs: list[dict], per_run: pd.DataFrame, ablations: l
     ax.set_ylim(-0.05, 1.02)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -233,7 +234,7 @@ def bar_figure(path: Path, summary: pd.DataFrame, ablations: list[str]) -> Path 
         ax.set_yticks(y, labels if ax is axes[0][0] else [], fontsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -259,7 +260,7 @@ def ari_vs_k_figure(path: Path, per_run: pd.DataFrame, runs: list[dict]) -> Path
     ax.set_ylabel("ARI vs ground-truth states")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -279,7 +280,7 @@ def html_report(path: Path, title: str, summary_md: str, summary: pd.DataFrame, 
     )
     fails = "".join(f"<li><code>{html.escape(str(p))}</code>: {html.escape((p / 'error.txt').read_text().strip())}</li>"
                     for p in failed)
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    write_text_atomic(path, f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#eee}}img{{max-width:100%}}</style>
 </head><body><h1>{html.escape(title)}</h1>
@@ -301,10 +302,11 @@ def compare(paths: list[Path], out: Path | None = None) -> dict:
         out = paths[0] / "compare" if len(paths) == 1 and not (paths[0] / "metrics.json").exists() else Path("compare")
     out.mkdir(parents=True, exist_ok=True)
     per_run, summary, ablations, metrics = tables(runs)
-    per_run.to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
+    for name, table in (("runs.csv", per_run), ("summary.csv", summary)):
+        with atomic_path(out / name) as tmp:
+            table.to_csv(tmp, index=False)
     md = markdown(summary, ablations, metrics)
-    (out / "summary.md").write_text(md)
+    write_text_atomic(out / "summary.md", md)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     figures = [f for f in (

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cryobench_lab.callbacks.evaluation import ScoreOptions, score_model, write_json_atomic
+from cryobench_lab.callbacks.evaluation import ScoreOptions, score_model
 from cryobench_lab.cli import fail
 from cryobench_lab.config import TrainConfig
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import write_json_atomic
 from cryobench_lab.provenance import fingerprints
 from cryobench_lab.run import build_model
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import atomic_path, write_text_atomic
 
 #: Dataset columns: data config name → CryoBench dataset name.
 DATASETS = {
@@ -154,11 +155,9 @@ def write_leaderboard(run_dirs, out: str | Path, csv_out: str | Path | None = No
         lines.append(f"| {r['method']} | {r['column']} | {r['root']} | {r['box_size']} | {r['n_particles']} | "
                      f"{'yes' if r['smoke'] else 'no'} | {_fmt(r['auc'])} ± {_fmt(r['auc_std'])} | "
                      f"{_fmt(r['auc_masked'])} | {_fmt(r['image_auc'])} | {_fmt(r['ari'])} | {r['run']} |")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out = write_text_atomic(out, "\n".join(lines) + "\n")
     if csv_out is not None:
-        with open(csv_out, "w", newline="") as fh:
+        with atomic_path(csv_out) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)

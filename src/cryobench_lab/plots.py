@@ -27,10 +27,11 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def _save(fig: Figure, path) -> Path:
+def save_figure(fig: Figure, path, dpi: float | None = None) -> Path:
+    """Save ``fig`` as ``path`` (format from the suffix) through a temporary file and a rename."""
     path = Path(path)
     with atomic_path(path) as tmp:  # the temporary name keeps the suffix that picks the format
-        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi or fig.dpi, bbox_inches="tight")
     return path
 
 
@@ -86,7 +87,7 @@ def plot_fsc_curves(
     ax.grid(alpha=0.3)
     # FSC curves start at 1 on the left, so the lower left corner is free for the legend.
     ax.legend(fontsize=7, loc="lower left", ncol=1 if len(curves) <= 5 else 2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_latent(
@@ -140,7 +141,7 @@ def plot_latent(
     else:
         ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(
@@ -183,7 +184,7 @@ def plot_confusion(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("ground-truth state")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_class_sizes(path, class_sizes, confusion=None, title: str = "Images per class") -> Path:
@@ -214,7 +215,7 @@ def plot_class_sizes(path, class_sizes, confusion=None, title: str = "Images per
     ax.set_xlabel("predicted class")
     ax.set_ylabel("images")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_volume_montage(
@@ -259,4 +260,4 @@ def plot_volume_montage(
             axes[r, k].set_ylabel(f"{yl} ({unit})", fontsize=7)
             axes[r, k].tick_params(labelsize=6)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -17,14 +17,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
-from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions, write_json_atomic
+from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
-from cryobench_lab.sweeps import config_hash, finished_metrics, in_multirun, prepare_ddp_relaunch, record_failure
-from cryobench_lab.wandb_tools import finish_wandb
-from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.io.atomic import atomic_path, write_json_atomic
 from cryobench_lab.provenance import environment, fingerprints
+from cryobench_lab.sweeps import (
+    config_hash,
+    finished_metrics,
+    in_multirun,
+    prepare_ddp_relaunch,
+    record_failure,
+)
+from cryobench_lab.wandb_tools import finish_wandb
 
 
 def _check_model_keys(model_cfg: DictConfig) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks import distributed  # noqa: F401  registers strategy ddp_cryobench (conf/trainer/ddp.yaml)
+from cryobench_lab.io.atomic import write_text_atomic
 
 #: config keys that change how a run executes but not what it computes (dotted paths)
 EXECUTION_KEYS = (
@@ -82,8 +83,7 @@ def in_multirun() -> bool:
 
 def record_failure(out_dir: Path, message: str) -> None:
     """Keep a sweep going after a job's input error: one line on stderr and in ``out_dir/error.txt``."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "error.txt").write_text(message + "\n")
+    write_text_atomic(Path(out_dir) / "error.txt", message + "\n")
     print(f"error: {' '.join(message.split())} (sweep continues; recorded in {out_dir}/error.txt)", file=sys.stderr)
 
 

@@ -21,7 +21,6 @@ Scalars reach the Lightning loggers (W&B, CSV) through ``log_metrics`` and figur
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from cryobench_lab import plots
 from cryobench_lab.errors import InputError
-from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.io.atomic import write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.structures import read_structure
 from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
@@ -41,17 +41,10 @@ from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
 from cryobench_lab.metrics.protocols import MASKED, per_conformation_fsc, per_image_fsc
-from cryobench_lab import plots
 
 MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
 CLASH_IMAGES = 500  # predicted structures whose clashes are counted (evenly spaced images; O(n_res²) each)
 CLASS_KEYS = ("ari", "nmi", "n_empty_classes")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves a truncated file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
 
 
 @dataclass

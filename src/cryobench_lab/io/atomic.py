@@ -8,6 +8,7 @@ filesystem (``os.replace`` is atomic only there).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,3 +40,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload, indent: int = 2) -> Path:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    return write_text_atomic(path, json.dumps(payload, indent=indent))

@@ -52,7 +52,6 @@ Outputs (``on_fit_end`` into the run folder's ``classes/``): ``class_XXX.mrc``, 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 
 from cryobench_lab.data.particles import DatasetInfo
-from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.io.atomic import write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.pickles import save_pickle
 from cryobench_lab.metrics.masks import soft_sphere_mask
@@ -483,8 +482,7 @@ class MulticlassEM(ReconstructionModule):
         write_class_star(out_dir / "particles_classes.star", classes.numpy(), self.info, datamodule)
         summary = {"class_sizes": sizes.tolist(), "class_priors": self.log_pi.exp().tolist()}
         for name, payload in (("class_sizes.json", summary), ("log_likelihood.json", {"log_likelihood": self.log_likelihood})):
-            with atomic_path(out_dir / name) as tmp:
-                tmp.write_text(json.dumps(payload, indent=2))
+            write_json_atomic(out_dir / name, payload)
         return summary
 
 

@@ -54,7 +54,6 @@ mean amplitude gates over the Gaussians of present and absent chains).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -66,6 +65,7 @@ from torch import nn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import atomic_path, write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.models.backproject import Backprojection
@@ -290,7 +290,8 @@ class PartGMM(ReconstructionModule):
 
     def save_stage(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": self.state_dict(), "stage": int(self.stage_done), "hparams": dict(self.hparams)}, path)
+        with atomic_path(path) as tmp:  # a later resume trusts this file
+            torch.save({"state_dict": self.state_dict(), "stage": int(self.stage_done), "hparams": dict(self.hparams)}, tmp)
 
     def consensus_step(self, batch: dict) -> None:
         """Stage 0: add a batch to the homogeneous backprojection."""
@@ -490,7 +491,7 @@ class PartGMM(ReconstructionModule):
                    "part_sizes": torch.bincount(part).tolist()}
         if datamodule is not None:
             summary.update(self.part_scores(datamodule))
-        (out_dir / "parts.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomic(out_dir / "parts.json", summary, indent=1)
         print(f"[cryobench_lab] {self.method_name} parts: " + "  ".join(
             f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)), file=sys.stderr)
         return summary
@@ -582,7 +583,7 @@ def plot_label_map(path: Path, labels: np.ndarray, apix: float) -> Path:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from cryobench_lab.plots import _save
+    from cryobench_lab.plots import save_figure
 
     D = labels.shape[0]
     n = int(labels.max())
@@ -601,4 +602,4 @@ def plot_label_map(path: Path, labels: np.ndarray, apix: float) -> Path:
         ax.set_xlabel(f"{h} (Å)")
         ax.set_ylabel(f"{v} (Å)")
     fig.suptitle(f"{n} parts (colour = part)")
-    return _save(fig, path)
+    return save_figure(fig, path)

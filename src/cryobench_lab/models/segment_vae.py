@@ -47,6 +47,7 @@ from torch import nn
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
+from cryobench_lab.io.atomic import atomic_path
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
     local_frames,
@@ -322,7 +323,8 @@ class SegmentVAE(ReconstructionModule):
         out_dir.mkdir(parents=True, exist_ok=True)
         emb = self.embed_all(datamodule.all_dataloader())
         z = emb["latent"][torch.argsort(emb["index"])]  # (N, d) in particle order
-        np.save(out_dir / "z.npy", z.numpy())
+        with atomic_path(out_dir / "z.npy") as tmp:
+            np.save(tmp, z.numpy())
         segments = self.segment_labels()
         labels = (segments if segments is not None else np.arange(self.base.n_residues)).astype(float)
         write_trace_models(out_dir / "segmentation.pdb", self.base.structure, (self.coords0 + self.offset)[None].cpu().numpy(), labels)
