@@ -31,6 +31,7 @@ initialisation there must be skipped when a persistent flag says it was done.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -47,6 +48,9 @@ class ReconstructionModule(L.LightningModule):
 
     #: epochs used when ``trainer.max_epochs`` is not set
     default_epochs: int = 1
+    #: run sub-folder for the method's own outputs, written by ``write_outputs(out_dir, datamodule)`` when
+    #: fitting ends; None: the method writes none (or writes them itself)
+    outputs_dir: Optional[str] = None
 
     def __init__(self, info: DatasetInfo, name: str):
         super().__init__()
@@ -66,6 +70,21 @@ class ReconstructionModule(L.LightningModule):
         box = box or self.D
         freqs = freq_grid_2d(box, self.apix, device=batch["ctf"].device)  # (box, box, 2) 1/Å
         return ctf_from_params(freqs[None], batch["ctf"])
+
+    def train_on_every_particle(self) -> None:
+        """Make the DataModule train on every particle (call from ``setup``).
+
+        Methods that keep per-image state (auto-decoded latents, EM posteriors) learn an image's entry only
+        from that image, so a held-out split would leave those entries at their initial values.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_indices"):
+            datamodule.train_indices = np.arange(self.info.n_particles)
+
+    def on_fit_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.outputs_dir and datamodule is not None and hasattr(datamodule, "all_dataloader"):
+            self.write_outputs(Path(self.trainer.default_root_dir) / self.outputs_dir, datamodule)
 
     # ---- evaluation contract -------------------------------------------------------------------------
     def embed(self, batch: dict) -> dict:

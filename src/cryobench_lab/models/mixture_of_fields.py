@@ -107,6 +107,8 @@ class MixtureOfFields(ReconstructionModule):
         seed: seeds the Gaussian features and the latent tables' initialisation.
     """
 
+    outputs_dir = "classes"
+
     def __init__(
         self,
         info: DatasetInfo,
@@ -175,11 +177,9 @@ class MixtureOfFields(ReconstructionModule):
             self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch)
 
     def setup(self, stage: str | None = None) -> None:
-        # An auto-decoded table row is only learned from its own image, so every particle must be trained
-        # on (cryoDRGN, DRGN-AI and Hydra do the same); a held-out split would leave rows at their init.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.tables is not None and datamodule is not None and hasattr(datamodule, "train_indices"):
-            datamodule.train_indices = np.arange(self.info.n_particles)
+        # per-image tables, as in cryoDRGN, DRGN-AI and Hydra; an amortised encoder may keep a held-out split
+        if self.tables is not None:
+            self.train_on_every_particle()
 
     # ---- optimisers ------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -441,11 +441,6 @@ class MixtureOfFields(ReconstructionModule):
         return torch.stack(vols)
 
     # ---- outputs ---------------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "all_dataloader"):
-            self.write_outputs(Path(self.trainer.default_root_dir) / "classes", datamodule)
-
     @torch.no_grad()
     def write_outputs(self, out_dir: Path, datamodule) -> dict:
         """Per-class volumes and traversals, class assignments as STAR and pickles; returns the class sizes."""

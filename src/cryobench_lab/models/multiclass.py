@@ -111,6 +111,8 @@ class MulticlassEM(ReconstructionModule):
         seed: seeds the initial principal volumes and k-means++.
     """
 
+    outputs_dir = "classes"
+
     def __init__(
         self,
         info: DatasetInfo,
@@ -184,9 +186,7 @@ class MulticlassEM(ReconstructionModule):
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         # every particle's posterior is needed, so every particle is in every EM iteration
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_indices"):
-            datamodule.train_indices = np.arange(self.info.n_particles)
+        self.train_on_every_particle()
 
     def configure_optimizers(self):
         return None
@@ -460,11 +460,6 @@ class MulticlassEM(ReconstructionModule):
         return fft3_center(torch.nn.functional.pad(vol, (lo, P - D - lo) * 3))
 
     # ---- outputs ---------------------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "all_dataloader"):
-            self.write_outputs(Path(self.trainer.default_root_dir) / "classes", datamodule)
-
     @torch.no_grad()
     def write_outputs(self, out_dir: Path, datamodule) -> dict:
         """Class volumes, posteriors, assignments (pickles and STAR), sizes and the EM trace; returns sizes."""

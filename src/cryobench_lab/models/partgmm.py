@@ -242,10 +242,7 @@ class PartGMM(ReconstructionModule):
         return self._schedule[min(epoch, len(self._schedule) - 1)] if self._schedule else 2
 
     def setup(self, stage: str | None = None) -> None:
-        # An auto-decoded latent is learned only from its own image: train on every particle.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_indices"):
-            datamodule.train_indices = np.arange(self.info.n_particles)
+        self.train_on_every_particle()  # auto-decoded latents
 
     def configure_optimizers(self):
         return None

@@ -87,6 +87,8 @@ def image_correlation(pred: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
 class SegmentVAE(ReconstructionModule):
     """cryoSPHERE segment VAE (``mode=learned``) and its ablations; see the module docstring."""
 
+    outputs_dir = "structures"
+
     def __init__(
         self,
         info: DatasetInfo,
@@ -307,11 +309,6 @@ class SegmentVAE(ReconstructionModule):
             return self.segmentation.labels().cpu().numpy()
 
     # ---- outputs ---------------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "all_dataloader"):
-            self.write_outputs(Path(self.trainer.default_root_dir) / "structures", datamodule)
-
     @torch.no_grad()
     def write_outputs(self, out_dir: Path, datamodule, n_images: int = 10) -> dict:
         """Multi-model Cα traces (segment in the B-factor column): ``images.pdb`` for the first ``n_images``
