@@ -200,48 +200,21 @@ def kmeans(z: np.ndarray, k: int, restarts: int = 10, iters: int = 100, seed: in
     return best
 
 
-def cryodrgn_quality(preset: str, cryodrgn: str, epochs: int, work: Path) -> dict:
+def cryodrgn_quality(preset: str, cryodrgn: str, epochs: int, out: Path) -> dict:
+    """cryoDRGN train_vae trained and scored by bench/mixture_quality.py (one protocol for both scripts).
+
+    An ``out`` that already holds ``weights.<epochs>.pkl`` (e.g. from ``mixture_quality.py --train``) is
+    scored without training again; its epoch times come from its run.log.
+    """
+    from mixture_quality import score, train
+
     from cryobench_lab.data.presets import ensure_dataset
-    from cryobench_lab.io.mrc import read_mrc
-    from cryobench_lab.io.pickles import load_pickle
-    from cryobench_lab.metrics.classes import classification_metrics
-    from cryobench_lab.metrics.protocols import per_conformation_fsc
 
     folder = Path(ensure_dataset(preset))
-    labels = np.load(folder / "labels.npy")
-    meta = json.loads((folder / "meta.json").read_text())
-    apix = float(meta["apix"])
-    out = work / "cryodrgn_quality"
-    proc, wall, rss = _run_measured([
-        cryodrgn, "train_vae", str(folder / "particles.mrcs"), "--poses", str(folder / "poses.pkl"), "--ctf",
-        str(folder / "ctf.pkl"), "--zdim", "8", *CRYODRGN_NET, "-n", str(epochs), "--no-analysis", "-o", str(out),
-    ])
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    epoch_times = _cryodrgn_epoch_times(out / "run.log")
-    z = np.asarray(load_pickle(out / f"z.{epochs - 1}.pkl") if (out / f"z.{epochs - 1}.pkl").exists() else load_pickle(out / "z.pkl"))
-    n_states = int(labels.max()) + 1
-    ari = classification_metrics(torch.as_tensor(kmeans(z, n_states)), torch.as_tensor(labels), n_states)["ari"]
-    weights = out / (f"weights.{epochs - 1}.pkl" if (out / f"weights.{epochs - 1}.pkl").exists() else "weights.pkl")
-
-    def decode(latent, classes):
-        zfile = work / "z_eval.txt"
-        np.savetxt(zfile, latent.numpy())
-        vol_dir = work / "cryodrgn_vols"
-        subprocess.run([cryodrgn, "eval_vol", str(weights), "-c", str(out / "config.yaml"), "--zfile", str(zfile),
-                        "-o", str(vol_dir), "--Apix", str(apix)], check=True, capture_output=True)
-        files = sorted(vol_dir.glob("vol_*.mrc"))[: len(latent)]
-        vols = torch.stack([torch.from_numpy(np.ascontiguousarray(read_mrc(f)[0], dtype=np.float32)) for f in files])
-        for f in files:
-            f.unlink()
-        return vols
-
-    gt = torch.stack([torch.from_numpy(np.ascontiguousarray(read_mrc(f)[0], dtype=np.float32))
-                      for f in sorted((folder / "gt_volumes").glob("*.mrc"))])
-    conf = per_conformation_fsc(decode, torch.as_tensor(labels), torch.as_tensor(z), None, gt, apix, batch_size=64)
-    return {"method": f"cryoDRGN train_vae, {epochs} epochs", "ari_kmeans": ari, "fsc_auc_mean": conf["fsc_auc_mean"],
-            "fsc_auc_per_state": [p["auc"] for p in conf["per_state"]], "train_s": float(sum(epoch_times)),
-            "process_wall_s": wall, "peak_rss_mb": rss, "images_per_s": len(labels) * epochs / sum(epoch_times)}
+    row = {"method": f"cryoDRGN train_vae, {epochs} epochs"}
+    if not (out / f"weights.{epochs}.pkl").exists():
+        row.update(train(folder, cryodrgn, epochs, out))
+    return {**row, **score(folder, cryodrgn, out, epochs)}
 
 
 def ours_quality(preset: str, model_name: str, overrides: dict, work: Path) -> dict:
@@ -349,6 +322,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cryodrgn", default=str(REPO / ".venv-cryodrgn" / "bin" / "cryodrgn"))
     ap.add_argument("--cryodrgn-epochs", type=int, default=20)
+    ap.add_argument("--cryodrgn-out", type=Path, help="train_vae output folder to reuse (quality section)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -371,7 +345,8 @@ def main() -> None:
                 print(f"| {r['method']} | {r['images_per_s']:.1f} | {r['ratio_to_cryodrgn']:.2f} | "
                       f"{r['pairs_per_image']:.1f} / {r['grad_pairs_per_image']:.1f} | {r['peak_rss_mb']:.0f} |")
         if "quality" in args.sections:
-            peer = cryodrgn_quality(args.preset, args.cryodrgn, args.cryodrgn_epochs, work)
+            peer = cryodrgn_quality(args.preset, args.cryodrgn, args.cryodrgn_epochs,
+                                    args.cryodrgn_out or work / "cryodrgn_quality")
             print(peer, flush=True)
             ours = ours_quality(args.preset, "hydra", {}, work)
             reached = [h for h in ours["history"] if h["fsc_auc_mean"] >= peer["fsc_auc_mean"]]
