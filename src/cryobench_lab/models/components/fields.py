@@ -126,7 +126,7 @@ class FourierField(nn.Module):
         hidden_dim: int = 256,
         n_layers: int = 3,
         n_features: int = 96,
-        feature_scale: float = 0.25,
+        feature_scale: float = 0.08,
         shared: bool = False,
         class_embedding_dim: int = 8,
         bf16: bool | None = None,
