@@ -9,8 +9,8 @@ decoder, z = 8), everything else at its defaults.
 
     .venv/bin/python bench/segvae_vs_cryodrgn.py [--cryodrgn-epochs 20] [--ours-run <run folder>]
 
-``--ours-run`` scores an existing ``model=segvae data=adk`` run instead of training one. Writes
-bench/results/segvae_vs_cryodrgn.json with both rows, the wall times and the load average.
+``--cryodrgn-out`` keeps (or reuses) cryoDRGN's output; ``--ours-run`` scores an existing
+``model=segvae data=adk`` run instead of training one. Writes bench/results/segvae_vs_cryodrgn.json with both rows, the wall times and the load average.
 """
 
 from __future__ import annotations
@@ -51,13 +51,15 @@ def main() -> None:
     ap.add_argument("--cryodrgn", default=str(REPO / ".venv-cryodrgn" / "bin" / "cryodrgn"))
     ap.add_argument("--cryodrgn-epochs", type=int, default=20)
     ap.add_argument("--ours-run", type=Path, default=None)
+    ap.add_argument("--cryodrgn-out", type=Path, help="train_vae output folder to reuse (trained if empty)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "segvae_vs_cryodrgn.json")
     args = ap.parse_args()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": os.getloadavg()[0],
               "machine": f"{os.cpu_count()} CPU cores, shared"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result["cryodrgn"] = cryodrgn_quality("adk", args.cryodrgn, args.cryodrgn_epochs, work)
+        result["cryodrgn"] = cryodrgn_quality("adk", args.cryodrgn, args.cryodrgn_epochs,
+                                              args.cryodrgn_out or work / "cryodrgn")
         result["ours"] = ours(args.ours_run, work)
     result["load_average_at_end"] = os.getloadavg()[0]
     args.out.write_text(json.dumps(result, indent=1) + "\n")
