@@ -10,7 +10,8 @@ decoder, z = 8), everything else at its defaults.
     .venv/bin/python bench/segvae_vs_cryodrgn.py [--cryodrgn-epochs 20] [--ours-run <run folder>]
 
 ``--cryodrgn-out`` keeps (or reuses) cryoDRGN's output; ``--ours-run`` scores an existing
-``model=segvae data=adk`` run instead of training one. Writes bench/results/segvae_vs_cryodrgn.json with both rows, the wall times and the load average.
+``model=segvae data=adk`` run instead of training one. Writes bench/results/segvae_vs_cryodrgn.json with
+both rows, the wall times and the load average.
 """
 
 from __future__ import annotations
