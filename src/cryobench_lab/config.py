@@ -113,7 +113,7 @@ class PosesConfig:
 
     source: str = "given"  # given | search
     pretrain_epochs: int = 1  # epochs with random poses before the first search
-    global_epochs: int = 4  # epochs whose first pass over an image searches all of SO(3) × shifts
+    global_epochs: int = 6  # epochs whose first pass over an image searches all of SO(3) × shifts
     local_epochs: int = 2  # then epochs of local search around the current poses; SGD refinement after
     local_step_deg: float = 3.75
     render_every: int = 4  # searched batches between renders of the fields
@@ -121,7 +121,7 @@ class PosesConfig:
     lr_trans: float = 0.1
     base_spacing_deg: float = 15.0  # global grid (≈4.4k rotations)
     levels: int = 3  # coarse-to-fine levels of the global search, each halving the steps
-    n_keep: int = 4  # candidates kept per image after the global level
+    n_keep: int = 8  # candidates kept per image after the global level
     max_shift: float = 0.1  # shift range, fraction of the box
     max_radius: float = 0.5  # search band radius cap, fraction of D/2
     min_radius: int = 4  # px
