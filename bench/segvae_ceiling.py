@@ -1,6 +1,7 @@
 """How good can the segment VAE's residue-Gaussian volumes be on a simulated dataset? (issue 5 diagnosis)
 
-The segment VAE represents a structure by one Gaussian per residue at Cα (σ = 2 Å, the residue's electrons),
+The segment VAE represents a structure by one Gaussian per residue at Cα (σ = model.sigma, 2 Å by default;
+the residue's electrons),
 while the data are simulated from every heavy atom. Three numbers bound its per-conformation FSC-AUC:
 
 1. ``truth``: each state's true Cα positions, voxelised as residue Gaussians, against the state's volume:
@@ -32,7 +33,11 @@ from hydra import compose, initialize_config_dir
 from cryobench_lab.config import register_configs
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.metrics.fsc import fsc_summary
-from cryobench_lab.models.components.atoms import move_by_segments, quaternion_vector_to_matrix, residue_gaussians
+from cryobench_lab.models.components.atoms import (
+    move_by_segments,
+    quaternion_vector_to_matrix,
+    residue_gaussians,
+)
 from cryobench_lab.models.components.segmentation import FixedSegmentation
 from cryobench_lab.models.segment_vae import image_correlation
 from cryobench_lab.physics.gaussians import voxelize_gaussians
@@ -41,10 +46,17 @@ from cryobench_lab.run import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def volume_auc(coords: torch.Tensor, amplitudes: torch.Tensor, gt: Path, D: int, apix: float) -> float:
-    """FSC-AUC of residue Gaussians at ``coords`` (n, 3) Å, box frame, σ = 2 Å, against ``gt`` (.mrc)."""
-    vol = voxelize_gaussians(coords, torch.full((len(coords),), 2.0), amplitudes, D, apix)
-    return fsc_summary(vol.numpy(), mrcfile.read(gt), apix)["auc"]
+def volume_auc(model, coords: torch.Tensor, gt: Path) -> float:
+    """FSC-AUC of the model's residue Gaussians (its σ and amplitudes) at ``coords`` (n, 3) Å, box frame,
+    against the volume ``gt`` (.mrc)."""
+    vol = voxelize_gaussians(coords, model.sigmas, model.amplitudes, model.D, model.apix)
+    return fsc_summary(vol.numpy(), mrcfile.read(gt), model.apix)["auc"]
+
+
+def box_frame_residues(path: Path) -> torch.Tensor:
+    """Residue (Cα/C1′) coordinates of a structure file, Å in the box frame → (n, 3)."""
+    g = residue_gaussians(path)
+    return torch.from_numpy(g.coords + g.offset)
 
 
 def fit_blocks(x0: torch.Tensor, true: torch.Tensor, K: int, steps: int = 1500) -> torch.Tensor:
@@ -75,15 +87,13 @@ def main() -> None:
     dm = ParticleDataModule(cfg.data, seed=cfg.seed)
     dm.setup()
     model = build_model(cfg, dm.info)
-    D, apix = model.D, model.apix
     cifs = sorted(Path(dm.info.structure).parent.glob("state_*.cif"))
     vols = [c.parent.parent / "gt_volumes" / f"{c.stem}.mrc" for c in cifs]
-    amps = model.amplitudes
-    trues = [torch.from_numpy((lambda g: g.coords + g.offset)(residue_gaussians(c))) for c in cifs]  # box frame
+    trues = [box_frame_residues(c) for c in cifs]
     x0 = trues[0] - trues[0].mean(0)
     out: dict = {"dataset": args.data, "machine": platform.node(), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "n_states": len(cifs), "structures": str(cifs[0].parent)}
-    truth = [volume_auc(t, amps, v, D, apix) for t, v in zip(trues, vols)]
+    truth = [volume_auc(model, t, v) for t, v in zip(trues, vols)]
     out["truth"] = {"per_state": truth, "mean": float(np.mean(truth))}
     print(f"truth Cα as residue Gaussians: mean FSC-AUC {np.mean(truth):.4f}")
     out["best_rigid_blocks"] = {}
@@ -92,7 +102,7 @@ def main() -> None:
         for t, v in zip(trues, vols):
             y = fit_blocks(x0, t - trues[0].mean(0), K) + trues[0].mean(0)
             rmsd.append(float(((y - t) ** 2).sum(1).mean().sqrt()))
-            auc.append(volume_auc(y, amps, v, D, apix))
+            auc.append(volume_auc(model, y, v))
         out["best_rigid_blocks"][K] = {"rmsd_per_state": rmsd, "auc_per_state": auc, "auc_mean": float(np.mean(auc))}
         print(f"best {K} rigid blocks: RMSD ≤ {max(rmsd):.2f} Å, mean FSC-AUC {np.mean(auc):.4f}")
     batches = list(dm.train_dataloader())
@@ -113,10 +123,10 @@ def main() -> None:
                 total += float(c.detach().sum())
             corr.append(total / sum(len(b["images"]) for b in sel))
             opt.step()
-        moved = (true + d.detach() + model.offset)
+        moved = true + d.detach() + model.offset
         row = {"corr_at_truth": corr[0], "corr_at_optimum": corr[-1],
                "rms_displacement_A": float(d.detach().norm(dim=1).pow(2).mean().sqrt()),
-               "auc_at_truth": truth[s], "auc_at_optimum": volume_auc(moved, amps, vols[s], D, apix)}
+               "auc_at_truth": truth[s], "auc_at_optimum": volume_auc(model, moved, vols[s])}
         out["likelihood_bias"][s] = row
         print(f"state {s}: objective moves residues {row['rms_displacement_A']:.2f} Å RMS from Cα "
               f"(corr {corr[0]:.4f} → {corr[-1]:.4f}, FSC-AUC {truth[s]:.4f} → {row['auc_at_optimum']:.4f})")
