@@ -17,7 +17,7 @@ from cryobench_lab.metrics.alignment import (
     shift_errors,
 )
 from cryobench_lab.metrics.fsc import fsc_summary
-from cryobench_lab.physics.fft import fft2_center
+from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft2_center
 from cryobench_lab.physics.lattice import freq_grid_3d
 from cryobench_lab.physics.rotations import axis_angle_to_matrix, geodesic_distance, random_rotations
 from cryobench_lab.physics.slicing import project_volume, volume_spectrum
@@ -190,3 +190,29 @@ def test_build_pose_source():
     assert src.schedule.search.n_keep == 3 and src.schedule.phase(1) == "global" and src.schedule.phase(4) == "refine"
     rot, trans = src({"index": torch.arange(4)})
     assert rot.shape == (4, 2, 3, 3) and trans.shape == (4, 2)
+
+
+def test_searched_poses_search_only_the_classes_asked_for(scene):
+    """A global search epoch finds the poses in class 0 (the true volume); images the model restricts to
+    class 0 keep their previous class-1 rotations, the others are searched in class 1 too."""
+    D, B = scene["D"], len(scene["rot"])
+    poses = build_pose_source({"source": "search", "pretrain_epochs": 0, "global_epochs": 1, "max_radius": 1.0,
+                               "levels": 4, "n_keep": 8}, B, 2, D, 1.0, has_poses=False)
+    before = poses.rot.clone()
+    other = blobs(D, seed=5)
+    spectra = {0: fft3_center(scene["vol"]), 1: fft3_center(other)}  # (D, D, D) [z, y, x], centred
+    restricted = torch.arange(B) % 2 == 0
+
+    def values(coords, k):
+        idx = coords.long() + D // 2
+        return spectra[k][idx[:, 2], idx[:, 1], idx[:, 0]]
+
+    poses.attach(values, None, lambda: 0, lambda index: torch.stack([torch.ones_like(restricted[index]),
+                                                                    ~restricted[index]], 1))
+    images = ifft2_center(scene["spectra"]).real
+    poses({"index": torch.arange(B), "images": images})
+    rot, trans = poses.estimates()
+    assert geodesic_distance(rot[:, 0], scene["rot"]).max() < 2.5
+    assert (trans - scene["trans"]).norm(dim=-1).max() < 0.3  # the shift of class 0, where the images fit
+    assert torch.equal(rot[restricted, 1], before[restricted, 1])
+    assert not torch.isclose(rot[~restricted, 1], before[~restricted, 1]).all(-1).all(-1).any()

@@ -113,7 +113,7 @@ class PosesConfig:
 
     source: str = "given"  # given | search
     pretrain_epochs: int = 1  # epochs with random poses before the first search
-    global_epochs: int = 6  # epochs whose first pass over an image searches all of SO(3) × shifts
+    global_epochs: int = 8  # epochs whose first pass over an image searches all of SO(3) × shifts
     local_epochs: int = 2  # then epochs of local search around the current poses; SGD refinement after
     local_step_deg: float = 3.75
     render_every: int = 4  # searched batches between renders of the fields

@@ -176,7 +176,7 @@ class MixtureOfFields(ReconstructionModule):
         self.register_buffer("last_confidence", torch.zeros(info.n_particles))
         self._point_cache: dict = {}
         if isinstance(self.poses, SearchedPoses):
-            self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch)
+            self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch, self._search_classes)
 
     def setup(self, stage: str | None = None) -> None:
         # per-image tables, as in cryoDRGN, DRGN-AI and Hydra; an amortised encoder may keep a held-out split
@@ -305,6 +305,20 @@ class MixtureOfFields(ReconstructionModule):
         image = torch.cat([torch.nonzero(confident).squeeze(1), unsure.repeat_interleave(K)])
         classes = torch.cat([self.last_class[index][confident], torch.arange(K, device=device).repeat(len(unsure))])
         return image, classes
+
+    @torch.no_grad()
+    def _search_classes(self, index: torch.Tensor) -> torch.Tensor:
+        """Classes to search the poses of images ``index (B,)`` in → bool (B, K): those the loss will evaluate
+        this epoch (every class during warm-up and E-step epochs and for unsure images, else the last
+        assigned one), so the search never spends time on a class whose slice the loss does not use."""
+        B = len(index)
+        every = torch.ones(B, self.K, dtype=torch.bool, device=index.device)
+        progress = self.current_epoch / max(self.trainer.max_epochs, 1)
+        if self.K == 1 or progress < self.hparams.warmup or self._all_classes_epoch():
+            return every
+        confident = self.last_confidence[index] >= self.hparams.confidence
+        one = torch.nn.functional.one_hot(self.last_class[index], self.K).bool()
+        return torch.where(confident[:, None], one, every)
 
     def _energies(self, obs: dict, pts: dict, z: torch.Tensor | None, image, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """E (M,) = Σ_points w |Y − CTF·F|² / S and the squared residuals (M, P) of M pairs."""

@@ -16,11 +16,14 @@ schedule of training epochs (:class:`PoseSchedule`):
    rotation and a shift correction (``param_groups``) by the gradient of the model's loss.
 
 The image's shift is the one found in the class where the search's energy is lowest. The fields are
-rendered (:func:`render_spectrum`) at most every ``render_every`` searched batches.
+rendered (:func:`render_spectrum`) at most every ``render_every`` searched batches. A mixture may restrict
+which classes an image is searched in (``attach(..., search_classes=)``): once its class is certain, the
+search in the other classes is wasted work (about (K − 1)/K of a search epoch).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -124,15 +127,20 @@ class SearchedPoses(nn.Module):
         self._class_values: Callable | None = None
         self._noise_power: Callable | None = None
         self._epoch: Callable[[], int] = lambda: 0
+        self._search_classes: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._searchers: list[PoseSearch] | None = None
         self._since_render = 0
 
     def attach(self, class_values: Callable[[torch.Tensor, int], torch.Tensor],
-               noise_power: Callable[[], torch.Tensor] | None, epoch: Callable[[], int]) -> None:
+               noise_power: Callable[[], torch.Tensor] | None, epoch: Callable[[], int],
+               search_classes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``class_values(coords (Q, 3), k) -> complex (Q,)``: class k's current field (the model's prediction
         before CTF) at frequencies in cycles/box; ``noise_power() -> (D//2 + 1,)`` the per-shell noise power of
-        the centred image spectra (None: white, 1); ``epoch() -> int`` the current training epoch."""
+        the centred image spectra (None: white, 1); ``epoch() -> int`` the current training epoch;
+        ``search_classes(index (b,)) -> bool (b, K)`` the classes to search each image in (None: all; an image
+        keeps its previous poses in the others)."""
         self._class_values, self._noise_power, self._epoch = class_values, noise_power, epoch
+        self._search_classes = search_classes
 
     def param_groups(self) -> list[dict]:
         """SparseAdam groups of the refinement corrections."""
@@ -186,15 +194,24 @@ class SearchedPoses(nn.Module):
         if "ctf" in batch:
             ctf = ctf_from_params(freq_grid_2d(self.D, self.apix)[None], batch["ctf"][todo].float().cpu())
         noise = self._noise_power().float().cpu() if self._noise_power is not None else None
-        energies, shifts = [], []
+        b = len(index)
+        wanted = torch.ones(b, self.K, dtype=torch.bool)
+        if self._search_classes is not None:
+            wanted = self._search_classes(batch["index"][todo]).cpu()
+        energies = torch.full((b, self.K), math.inf)
+        shifts = self.trans[index.to(self.trans.device)].cpu()[:, None].repeat(1, self.K, 1)  # (b, K, 2)
         for k, searcher in enumerate(self._searchers):
+            sel = torch.nonzero(wanted[:, k]).squeeze(1)
+            if len(sel) == 0:
+                continue
+            c = ctf[sel] if ctf is not None else None
             if whole:
-                out = searcher.search(spectra, ctf, noise)
+                out = searcher.search(spectra[sel], c, noise)
             else:
-                out = searcher.local(spectra, ctf, noise, self.rot[index, k].cpu(), self.trans[index].cpu(),
+                out = searcher.local(spectra[sel], c, noise, self.rot[index[sel], k].cpu(), self.trans[index[sel]].cpu(),
                                      self.schedule.local_step_deg)
-            self.rot[index.to(self.rot.device), k] = out["rot"].to(self.rot)
-            energies.append(out["energy"])
-            shifts.append(out["trans"])
-        best = torch.stack(energies, 1).argmin(1)  # (b,) class where the image is explained best
-        self.trans[index.to(self.trans.device)] = torch.stack(shifts, 1)[torch.arange(len(index)), best].to(self.trans)
+            self.rot[index[sel].to(self.rot.device), k] = out["rot"].to(self.rot)
+            energies[sel, k] = out["energy"]
+            shifts[sel, k] = out["trans"]
+        best = energies.argmin(1)  # (b,) class where the image is explained best (of those searched)
+        self.trans[index.to(self.trans.device)] = shifts[torch.arange(b), best].to(self.trans)
