@@ -21,7 +21,10 @@ def _contingency(a, b):
 def _ari_reference(a, b):
     """Hubert & Arabie's adjusted Rand index from pair counts."""
     c = _contingency(a, b)
-    comb = lambda x: x * (x - 1) / 2
+
+    def comb(x):
+        return x * (x - 1) / 2
+
     index = comb(c).sum()
     ra, rb, n = comb(c.sum(1)).sum(), comb(c.sum(0)).sum(), comb(c.sum())
     expected = ra * rb / n
@@ -34,7 +37,10 @@ def _nmi_reference(a, b):
     pa, pb = p.sum(1), p.sum(0)
     nz = p > 0
     mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
-    h = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()
+
+    def h(q):
+        return -(q[q > 0] * np.log(q[q > 0])).sum()
+
     return mi / ((h(pa) + h(pb)) / 2)
 
 

@@ -143,7 +143,7 @@ def test_shift_errors_remove_the_volume_offset():
 
 def test_pose_scores_per_class():
     g = torch.Generator().manual_seed(6)
-    N, K = 60, 2
+    N = 60
     R_true = random_rotations(N, generator=g)
     est = torch.stack([R_true @ random_rotations(1, generator=g)[0], random_rotations(N, generator=g)], 1)  # (N, K)
     classes = torch.tensor([0] * 40 + [1] * 20)

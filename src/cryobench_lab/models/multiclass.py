@@ -322,8 +322,8 @@ class MulticlassEM(ReconstructionModule):
         flat = vox.reshape(-1)
         for m in range(self.M):
             self.num[m].index_add_(0, flat, ((w * z[:, m])[:, None] * c * resid).reshape(-1))
-            for l in range(self.M):
-                self.pca_den[m * self.M + l].index_add_(0, flat, ((w * z[:, m] * z[:, l])[:, None] * c.square()).reshape(-1))
+            for n in range(self.M):
+                self.pca_den[m * self.M + n].index_add_(0, flat, ((w * z[:, m] * z[:, n])[:, None] * c.square()).reshape(-1))
 
     def _wiener(self, num: torch.Tensor, den: torch.Tensor, tau2: torch.Tensor) -> torch.Tensor:
         """``num / (den + 1/τ²)`` per voxel for (J, P³) sums and (J, shells) τ² → (J, P, P, P), 0 beyond Nyquist."""
