@@ -49,7 +49,9 @@ Outputs (written when stage 2 ends, folder ``parts/``): ``parts.mrc`` (label map
 position, part in the B-factor column, anchor in the residue number's chain block: chain letter per part),
 ``parts.png`` (label map seen along z, y and x), ``parts.json`` (sizes; with ground-truth structures:
 ARI of parts and anchors vs the nearest chain — or vs ``domains`` for a single chain — and per-state
-mean amplitude gates over the Gaussians of present and absent chains).
+mean amplitude gates over the Gaussians of present and absent chains; for several states of one
+complex also ``coappearance_ari_vs_chain``, the ARI of grouping chains by the states they are present
+in: when chains neither move nor appear separately, that is the ceiling of a part discovery).
 """
 
 from __future__ import annotations
@@ -526,6 +528,13 @@ class PartGMM(ReconstructionModule):
         anchor = self.fine_anchor.cpu().numpy()
         for name, labels in (("part", part), ("anchor", anchor)):
             scores[f"{name}_ari_vs_{truth_name}"] = float(classification_metrics(labels[near], truth[near])["ari"])
+        if truth_name == "chain" and len(states) > 1:
+            # Chains that are present in exactly the same states cannot be told apart by composition: the
+            # partition into such groups is the best ARI a rigid assembly's data support
+            pattern = {c: tuple(c in set(st.atom_chain_ids.astype(str).tolist()) for st in states) for c in chain_ids}
+            groups = {pat: g for g, pat in enumerate(sorted(set(pattern.values())))}
+            co = np.array([groups[pattern[c]] for c in chains[nearest]])
+            scores["coappearance_ari_vs_chain"] = float(classification_metrics(co[near], truth[near])["ari"])
         if truth_name == "chain" and self.info.labels is not None:
             emb = self.embed_all(datamodule.all_dataloader())
             z = emb["latent"][torch.argsort(emb["index"])]
