@@ -136,6 +136,20 @@ def test_part_discovery_is_deterministic_and_resume_keeps_anchors(trained, data)
     assert torch.equal(resumed.fine_anchor, model.fine_anchor)
 
 
+def test_stage2_starts_from_stage1_gates(trained, data):
+    """Right after part discovery a fine Gaussian's gate is the gate stage 1 gives its nearest coarse one."""
+    resumed = _model(data[0], resume=str(trained["ckpt"]))
+    with torch.no_grad():
+        resumed.net1.out.weight.normal_()  # make stage 1's gates depend on z and f
+        resumed.discover_parts()
+        z = torch.randn(3, resumed.hparams.latent_dim, generator=torch.Generator().manual_seed(0))
+        nearest = torch.cdist(resumed.fine_positions(), resumed.coarse.centers).argmin(1)
+        gate1 = resumed.mixture(z, 1)[3][:, nearest]  # (3, n_fine)
+        gate2 = resumed.mixture(z, 2)[3]
+    assert gate1.std() > 0.05
+    assert torch.allclose(gate2, gate1, atol=1e-5)
+
+
 def test_decode_contract_and_outputs(trained, tmp_path):
     model = trained["model"]
     z = model.embed({"index": torch.arange(4)})["latent"]

@@ -22,7 +22,9 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
   positions inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse
   Gaussian nearest its centroid (its centre c_a and feature f̄_a).
 - Stage 2, part-aware mixture: ``n_fine`` Gaussians, re-seeded and fitted like stage 0, each assigned to
-  the anchor of its nearest coarse Gaussian and stored as an offset o_i from that anchor's centre. Per
+  the anchor of its nearest coarse Gaussian and stored as an offset o_i from that anchor's centre. It is
+  warm-started from stage 1: Δf_i starts at (feature of the nearest coarse Gaussian − f̄_a) and MLP_G at
+  stage 1's MLP (same shape), so gates learned in stage 1 carry over. Per
   image, MLP_A([z, f̄_a]) → a rotation (quaternion vector part, real part 1) and a translation (px) per
   anchor; the PIVOT is the anchor's centre c_a. MLP_G([z, f_i]) with ``f_i = f̄_a + Δf_i`` → a residual
   displacement (px) and the gate logit (the gate shares MLP_G's hidden layers):
@@ -178,11 +180,11 @@ class PartGMM(ReconstructionModule):
         latent_prior: float = 0.1,
         feature_reg: float = 0.01,
         noise_sigma: float = 1.0,
-        stage1_epochs: int = 4,
+        stage1_epochs: int = 32,
         stage2_epochs: int = 6,
         lr: float = 1e-3,
         gaussian_lr: float = 1e-2,
-        latent_lr: float = 0.05,
+        latent_lr: float = 0.2,
         support_mads: float = 3.0,
         fit_steps: int = 60,
         domains: dict | None = None,
@@ -367,9 +369,14 @@ class PartGMM(ReconstructionModule):
         nearest = torch.cdist(positions, self.coarse.centers).argmin(1)  # (n2,)
         self.fine_anchor.copy_(self.coarse_anchor[nearest])
         self.fine.centers.sub_(self.anchor_centers[self.fine_anchor])  # stored relative to the anchor
-        self.fine_dfeat.zero_()
+        # Stage 2 starts from what stage 1 learned: each fine Gaussian takes the feature of its nearest coarse
+        # Gaussian (as an offset from its anchor's) and MLP_G starts as stage 1's network, so the gates and
+        # displacements begin where stage 1 left them instead of being learned again from zero.
+        self.fine_dfeat.copy_(self._coarse_features()[nearest] - self.anchor_features[self.fine_anchor])
         if h.features == "positional":
+            self.fine_dfeat.zero_()
             self.fine_pe.copy_(positional_features(positions, h.feature_dim, self.D * self.apix, h.seed))
+        self.net_g.load_state_dict(self.net1.state_dict())
         return found
 
     # ---- model -----------------------------------------------------------------------------------------
