@@ -20,7 +20,8 @@ from cryobench_lab.metrics.fsc import fsc_summary
 from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft2_center
 from cryobench_lab.physics.lattice import freq_grid_3d
 from cryobench_lab.physics.rotations import axis_angle_to_matrix, geodesic_distance, random_rotations
-from cryobench_lab.physics.slicing import project_volume, volume_spectrum
+from cryobench_lab.physics.shift import phase_shift_2d
+from cryobench_lab.physics.slicing import insert_slices, project_volume, volume_spectrum
 from cryobench_lab.poses.search import PoseSearch, SearchConfig, band_points, sample_spectrum, so3_grid
 from cryobench_lab.poses.source import SearchedPoses, build_pose_source
 
@@ -216,3 +217,37 @@ def test_searched_poses_search_only_the_classes_asked_for(scene):
     assert (trans - scene["trans"]).norm(dim=-1).max() < 0.3  # the shift of class 0, where the images fit
     assert torch.equal(rot[restricted, 1], before[restricted, 1])
     assert not torch.isclose(rot[~restricted, 1], before[~restricted, 1]).all(-1).all(-1).any()
+
+
+def test_table_reference_tracks_the_pose_table_and_replaces_the_field(scene):
+    """With ``reference: table`` the Fourier sums always equal a fresh backprojection of the current pose
+    table (the images leave at their old poses and join at the new ones), and from the second searched epoch
+    the search uses them: a zero field there would leave the poses undetermined, the table keeps them."""
+    D, B = scene["D"], len(scene["rot"])
+    poses = build_pose_source({"source": "search", "pretrain_epochs": 0, "global_epochs": 2, "max_radius": 1.0,
+                               "levels": 4, "n_keep": 8, "wiener_reg": 0.01, "render_every": 1}, B, 1, D, 1.0, has_poses=False)
+    truth = fft3_center(scene["vol"])  # (D, D, D) [z, y, x], centred
+    epoch = {"now": 0}
+
+    def values(coords, k):
+        idx = coords.long() + D // 2
+        field = truth[idx[:, 2], idx[:, 1], idx[:, 0]]
+        return field if epoch["now"] == 0 else torch.zeros_like(field)
+
+    poses.attach(values, None, lambda: epoch["now"])
+    images = ifft2_center(scene["spectra"]).real
+    Db = poses.table_num.shape[-1]
+    lo = D // 2 - Db // 2
+    for now in (0, 1):
+        epoch["now"] = now
+        for half in (torch.arange(0, B, 2), torch.arange(1, B, 2)):  # two batches: the second sees a rebuilt table
+            poses({"index": half, "images": images[half]})
+        rot, trans = poses.poses(torch.arange(B), refined=False)
+        err = geodesic_distance(rot[:, 0], scene["rot"])
+        # 23 other images' slices fill the table's Fourier box sparsely: coarser than the exact volume
+        assert err.max() < (2.5 if now == 0 else 10.0) and err.median() < (2.5 if now == 0 else 5.0)
+        spectra = phase_shift_2d(scene["spectra"], trans)[:, lo : lo + Db, lo : lo + Db]
+        num, den = insert_slices(spectra, rot[:, 0], torch.ones(spectra.shape), vol_box=Db)
+        assert torch.allclose(poses.table_num[0], num, atol=1e-3 * num.abs().max())
+        assert torch.allclose(poses.table_den[0], den, atol=1e-4 * den.max())
+    assert (poses.table_class == 0).all()

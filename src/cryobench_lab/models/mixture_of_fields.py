@@ -176,7 +176,8 @@ class MixtureOfFields(ReconstructionModule):
         self.register_buffer("last_confidence", torch.zeros(info.n_particles))
         self._point_cache: dict = {}
         if isinstance(self.poses, SearchedPoses):
-            self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch, self._search_classes)
+            self.poses.attach(self._class_values, lambda: self.noise_power, lambda: self.current_epoch, self._search_classes,
+                              lambda index: self.last_class[index])
 
     def setup(self, stage: str | None = None) -> None:
         # per-image tables, as in cryoDRGN, DRGN-AI and Hydra; an amortised encoder may keep a held-out split
@@ -360,10 +361,11 @@ class MixtureOfFields(ReconstructionModule):
             scores = logp + loglik
             post = balanced_assignment(scores) if balanced else scores.softmax(1)
             assigned = post.argmax(1)
-            if not balanced and self.training:  # remember each fully evaluated image's belief
+            if self.training:  # remember each fully evaluated image's class (balanced in warm-up) and belief
                 full = torch.bincount(image, minlength=B) == K
                 self.last_class[batch["index"][full]] = assigned[full]
-                self.last_confidence[batch["index"][full]] = post[full].max(1).values
+                if not balanced:  # confidence only counts after warm-up: the first epoch after it sees every class
+                    self.last_confidence[batch["index"][full]] = post[full].max(1).values
         r = post[image, classes]  # (M,) responsibilities of the evaluated pairs
         if several:
             grad = (r > _MIN_RESPONSIBILITY) | (classes == assigned[image])

@@ -15,8 +15,20 @@ schedule of training epochs (:class:`PoseSchedule`):
 4. after those, refinement: the model's optimiser moves a per-image axis-angle correction of every class's
    rotation and a shift correction (``param_groups``) by the gradient of the model's loss.
 
-The image's shift is the one found in the class where the search's energy is lowest. The fields are
-rendered (:func:`render_spectrum`) at most every ``render_every`` searched batches. A mixture may restrict
+The image's shift is the one found in the class where the search's energy is lowest.
+
+References (``reference``), rebuilt at most every ``render_every`` searched batches:
+
+- ``field``: the model's field of the class rendered at its latent centroid (:func:`render_spectrum`);
+- ``table`` (default): in the first searched epoch the field as above, afterwards the Wiener backprojection
+  of the pose table itself: every searched image is kept, within the search band, in the Fourier sums of
+  the class the model assigns it to (``attach(..., assigned_class=)``), at its current pose; a new search
+  result replaces the image's old contribution. This is exact projection matching (each search sees the
+  reconstruction of every other image's current pose), where a field trained by SGD lags behind the
+  assignments by several epochs. The lag matters for pseudo-symmetric particles: their images start
+  spread over symmetry-related orientations, and only a reference that follows the majority at once pulls
+  the rest into it (7PBL's pseudo-6-fold ring: 8 field-referenced epochs left it split 406/237/209 over
+  orientations 60° apart; 6 backprojection rounds from there put 992 of 1000 in one, BENCHMARKS.md). A mixture may restrict
 which classes an image is searched in (``attach(..., search_classes=)``): once its class is certain, the
 search in the other classes is wasted work (about (K − 1)/K of a search epoch).
 """
@@ -25,17 +37,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
 from cryobench_lab.models.components.poses import KnownPoses
+from cryobench_lab.models.components.reconstruction import shell_index, shell_mean
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.lattice import freq_grid_2d, freq_grid_3d
 from cryobench_lab.physics.rotations import axis_angle_to_matrix, random_rotations
-from cryobench_lab.physics.slicing import volume_spectrum
+from cryobench_lab.physics.shift import phase_shift_2d
+from cryobench_lab.physics.slicing import insert_slices, volume_spectrum
 from cryobench_lab.poses.search import PoseSearch, SearchConfig
 
 
@@ -50,6 +65,8 @@ class PoseSchedule:
     render_every: int = 4  # searched batches between renders of the fields
     lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
     lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
+    reference: str = "table"  # what images are searched against: "table" or "field" (module docstring)
+    wiener_reg: float = 0.1  # table reference: V = Σ CTF·Y / (Σ CTF² + wiener_reg · shell mean of Σ CTF²)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def phase(self, epoch: int) -> str:
@@ -61,6 +78,10 @@ class PoseSchedule:
         if epoch < self.pretrain_epochs + self.global_epochs + self.local_epochs:
             return "local"
         return "refine"
+
+    def __post_init__(self):
+        if self.reference not in ("table", "field"):
+            raise ValueError(f"poses.reference must be 'table' or 'field', got {self.reference!r}")
 
 
 def build_pose_source(cfg: dict | None, n_images: int, n_classes: int, box_size: int, apix: float,
@@ -124,23 +145,34 @@ class SearchedPoses(nn.Module):
         self.trans_delta = nn.Embedding(n_images, 2, sparse=True)
         nn.init.zeros_(self.rot_delta.weight)
         nn.init.zeros_(self.trans_delta.weight)
+        # the table reference: Fourier sums Σ CTF·Y and Σ CTF² per class over a box Db that holds the search
+        # band, and the class each image is in (−1: none yet)
+        cfg = self.schedule.search
+        self.band = max(cfg.min_radius, cfg.max_radius * box_size / 2)  # px, the search's largest band radius
+        Db = min(box_size, 2 * (math.ceil(self.band) + 2))
+        self.register_buffer("table_num", torch.zeros(n_classes, Db, Db, Db, dtype=torch.complex64))
+        self.register_buffer("table_den", torch.zeros(n_classes, Db, Db, Db))
+        self.register_buffer("table_class", torch.full((n_images,), -1, dtype=torch.long))
         self._class_values: Callable | None = None
         self._noise_power: Callable | None = None
         self._epoch: Callable[[], int] = lambda: 0
         self._search_classes: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._assigned_class: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._searchers: list[PoseSearch] | None = None
         self._since_render = 0
 
     def attach(self, class_values: Callable[[torch.Tensor, int], torch.Tensor],
                noise_power: Callable[[], torch.Tensor] | None, epoch: Callable[[], int],
-               search_classes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+               search_classes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               assigned_class: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``class_values(coords (Q, 3), k) -> complex (Q,)``: class k's current field (the model's prediction
         before CTF) at frequencies in cycles/box; ``noise_power() -> (D//2 + 1,)`` the per-shell noise power of
         the centred image spectra (None: white, 1); ``epoch() -> int`` the current training epoch;
         ``search_classes(index (b,)) -> bool (b, K)`` the classes to search each image in (None: all; an image
-        keeps its previous poses in the others)."""
+        keeps its previous poses in the others); ``assigned_class(index (b,)) -> long (b,)`` the class each
+        image belongs to, whose table reference it joins (None: the class where the search fitted it best)."""
         self._class_values, self._noise_power, self._epoch = class_values, noise_power, epoch
-        self._search_classes = search_classes
+        self._search_classes, self._assigned_class = search_classes, assigned_class
 
     def param_groups(self) -> list[dict]:
         """SparseAdam groups of the refinement corrections."""
@@ -174,11 +206,43 @@ class SearchedPoses(nn.Module):
         return (rot[:, 0] if self.K == 1 else rot), trans
 
     @torch.no_grad()
+    def table_values(self, coords: torch.Tensor, k: int) -> torch.Tensor:
+        """Class k's table reference (Wiener backprojection of its images at their current poses) at integer
+        frequencies ``coords (Q, 3)`` [kx, ky, kz] within the table's box → complex (Q,)."""
+        num, den = self.table_num[k].cpu(), self.table_den[k].cpu()
+        Db = num.shape[-1]
+        shells = shell_index(Db).clamp(max=Db // 2 - 1)
+        lam = self.schedule.wiener_reg * shell_mean(den, shells, Db // 2)  # (Db/2,)
+        V = num / (den + lam[shells]).clamp(min=torch.finfo(den.dtype).tiny)  # (Db, Db, Db) [z, y, x]
+        idx = coords.round().long() + Db // 2
+        return V[idx[:, 2], idx[:, 1], idx[:, 0]]
+
+    @torch.no_grad()
     def _render(self) -> list[PoseSearch]:
-        cfg = self.schedule.search
-        radius = max(cfg.min_radius, cfg.max_radius * self.D / 2)
-        return [PoseSearch(render_spectrum(lambda c, k=k: self._class_values(c, k), self.D, radius), self.D,
-                           config=cfg) for k in range(self.K)]
+        table = self.schedule.reference == "table" and self._epoch() > self.schedule.pretrain_epochs
+        searchers = []
+        for k in range(self.K):
+            if table and bool((self.table_class == k).any()):
+                values = partial(self.table_values, k=k)
+            else:  # first searched epoch, field references, or a class with no images
+                values = partial(self._class_values, k=k)
+            searchers.append(PoseSearch(render_spectrum(values, self.D, self.band), self.D, config=self.schedule.search))
+        return searchers
+
+    @torch.no_grad()
+    def _table_add(self, sign: float, index: torch.Tensor, spectra: torch.Tensor, ctf: torch.Tensor | None,
+                   classes: torch.Tensor) -> None:
+        """Add (``sign`` 1) or remove (−1) images ``index (b,)`` (observed spectra ``(b, D, D)``, CTF) at their
+        current table poses in classes ``classes (b,)`` to or from the table sums."""
+        Db, lo = self.table_num.shape[-1], self.D // 2 - self.table_num.shape[-1] // 2
+        dev = self.table_num.device
+        rot = self.rot[index.to(self.rot.device), classes.to(self.rot.device)].to(dev)  # (b, 3, 3)
+        Y = phase_shift_2d(spectra, self.trans[index.to(self.trans.device)].cpu())[:, lo : lo + Db, lo : lo + Db]
+        C = ctf[:, lo : lo + Db, lo : lo + Db] if ctf is not None else torch.ones(Y.shape)
+        for k in classes.unique().tolist():
+            s = classes == k
+            insert_slices((sign * C[s] * Y[s]).to(dev), rot[s], (sign * C[s].square()).to(dev),
+                          self.table_num[k], self.table_den[k])
 
     @torch.no_grad()
     def _search(self, batch: dict, todo: torch.Tensor, whole: bool) -> None:
@@ -198,6 +262,12 @@ class SearchedPoses(nn.Module):
         wanted = torch.ones(b, self.K, dtype=torch.bool)
         if self._search_classes is not None:
             wanted = self._search_classes(batch["index"][todo]).cpu()
+        table = self.schedule.reference == "table"
+        if table:  # the images leave the table at their old poses before those change
+            old = self.table_class[index.to(self.table_class.device)].cpu()
+            if (old >= 0).any():
+                self._table_add(-1.0, index[old >= 0], spectra[old >= 0], ctf[old >= 0] if ctf is not None else None,
+                                old[old >= 0])
         energies = torch.full((b, self.K), math.inf)
         shifts = self.trans[index.to(self.trans.device)].cpu()[:, None].repeat(1, self.K, 1)  # (b, K, 2)
         for k, searcher in enumerate(self._searchers):
@@ -215,3 +285,7 @@ class SearchedPoses(nn.Module):
             shifts[sel, k] = out["trans"]
         best = energies.argmin(1)  # (b,) class where the image is explained best (of those searched)
         self.trans[index.to(self.trans.device)] = shifts[torch.arange(b), best].to(self.trans)
+        if table:
+            classes = self._assigned_class(batch["index"][todo]).cpu() if self._assigned_class is not None else best
+            self._table_add(1.0, index, spectra, ctf, classes)
+            self.table_class[index.to(self.table_class.device)] = classes.to(self.table_class)
