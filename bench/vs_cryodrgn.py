@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mixture_speed import cryodrgn_quality  # bench helper: train_vae + eval_vol + our scorer)
+from mixture_speed import cryodrgn_quality  # bench helper: train_vae + eval_vol + our scorer)  # noqa: E402
 
 
 # metrics.json keys reported when the run has them (val/fsc_auc_mean always)
