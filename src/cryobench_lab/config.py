@@ -120,7 +120,6 @@ class PosesConfig:
     lr_rot: float = 0.01  # refinement rates: radians, px
     lr_trans: float = 0.1
     reference: str = "table"  # searched against: table (backprojection of the current poses) | field
-    wiener_reg: float = 0.1  # table reference's Wiener constant, relative to each shell's mean CTF² sum
     base_spacing_deg: float = 15.0  # global grid (≈4.4k rotations)
     levels: int = 3  # coarse-to-fine levels of the global search, each halving the steps
     n_keep: int = 8  # candidates kept per image after the global level

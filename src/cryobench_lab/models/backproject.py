@@ -3,12 +3,9 @@
 One volume per ground-truth state (or one consensus volume without labels). Each image is re-centred by
 its shift (optionally zero-padded by ``pad`` in real space first), and its spectrum is splatted (trilinear)
 into a Fourier volume together with its CTF: ``num = Σ CTF·F``, ``den = Σ CTF²``, separately for two half
-sets (even/odd particle index). The estimate is ``V = num / (den + λ(k))`` with a per-shell regulariser:
-
-- ``wiener="constant"`` (default): ``λ(k) = reg · ⟨den⟩_shell(k)``, a Tikhonov term proportional to the
-  shell's mean CTF² weight (cryoDRGN's ``backproject_voxel`` uses one such constant for the whole volume);
-- ``wiener="fsc"``: the RELION-style 1/τ² estimate from the half maps,
-  ``SSNR_full(k) = 2·FSC_half(k) / (1 − FSC_half(k))``, ``λ(k) = ⟨den⟩_shell(k) / SSNR_full(k)``.
+sets (even/odd particle index). The Wiener solve (:func:`~cryobench_lab.physics.backprojection.wiener_solve`)
+uses a per-shell regulariser: ``wiener="constant"`` (default, ``reg`` times the shell's mean CTF² weight, as
+cryoDRGN's ``backproject_voxel``) or ``wiener="fsc"`` (RELION-style, from the half maps' FSC).
 
 The real-space volume is cropped back to the data's box and multiplied by a soft sphere inscribed in the
 box (``sphere_mask``): outside it there is only reconstruction noise, which would otherwise lower the FSC at
@@ -30,7 +27,7 @@ import torch.nn.functional as F
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.metrics.masks import soft_sphere_mask
 from cryobench_lab.models.base import ReconstructionModule
-from cryobench_lab.models.components.reconstruction import shell_index, shell_mean
+from cryobench_lab.physics.backprojection import wiener_solve
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import insert_slices
@@ -106,28 +103,10 @@ class Backprojection(ReconstructionModule):
     def solve(self) -> None:
         """Turn the accumulated sums into real-space volumes (fills ``volumes`` and ``half_fsc``)."""
         P, D = self.P, self.D
-        shells = shell_index(P, self.num.device)
-        n_shells = P // 2
-        outside = shells >= n_shells
         lo = (P - D) // 2
         mask = soft_sphere_mask(D).to(self.volumes) if self.sphere_mask else 1.0
         for c in range(self.n_classes):
-            num_full = self.num[c].sum(0)
-            den_full = self.den[c].sum(0)
-            den_mean = shell_mean(den_full, shells, n_shells)
-            halves = [self.num[c, h] / (self.den[c, h] + 1e-3 * den_mean.max() / 2) for h in (0, 1)]
-            cross = shell_mean((halves[0] * halves[1].conj()).real, shells, n_shells)
-            power = shell_mean(halves[0].abs() ** 2, shells, n_shells) * shell_mean(halves[1].abs() ** 2, shells, n_shells)
-            fsc = cross / power.sqrt().clamp(min=1e-30)
-            self.half_fsc[c] = fsc
-            if self.wiener == "fsc":
-                f = fsc.clamp(min=0.0, max=0.999)
-                ssnr = (2 * f / (1 - f)).clamp(min=self.ssnr_floor)
-                lam = den_mean / ssnr  # (n_shells,)
-            else:
-                lam = self.reg * den_mean
-            V = num_full / (den_full + lam[shells.clamp(max=n_shells - 1)])
-            V[outside] = 0
+            V, self.half_fsc[c] = wiener_solve(self.num[c], self.den[c], self.wiener, self.reg, self.ssnr_floor)
             vol = ifft3_center(V).real[lo : lo + D, lo : lo + D, lo : lo + D]
             self.volumes[c] = vol * mask
 

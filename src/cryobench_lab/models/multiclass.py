@@ -64,12 +64,8 @@ from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.pickles import save_pickle
 from cryobench_lab.metrics.masks import soft_sphere_mask
 from cryobench_lab.models.base import ReconstructionModule
-from cryobench_lab.models.components.reconstruction import (
-    NearestGrid,
-    shell_index,
-    shell_mean,
-    write_class_star,
-)
+from cryobench_lab.models.components.reconstruction import NearestGrid, write_class_star
+from cryobench_lab.physics.backprojection import shell_index, shell_mean
 from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft3_center
 from cryobench_lab.physics.rotations import axis_angle_to_matrix
 from cryobench_lab.physics.shift import phase_ramp

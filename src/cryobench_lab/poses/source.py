@@ -22,8 +22,11 @@ References (``reference``), rebuilt at most every ``render_every`` searched batc
 - ``field``: the model's field of the class rendered at its latent centroid (:func:`render_spectrum`);
 - ``table`` (default): in the first searched epoch the field as above, afterwards the Wiener backprojection
   of the pose table itself: every searched image is kept, within the search band, in the Fourier sums of
-  the class the model assigns it to (``attach(..., assigned_class=)``), at its current pose; a new search
-  result replaces the image's old contribution. This is exact projection matching (each search sees the
+  the class the model assigns it to (``attach(..., assigned_class=)``), at its current pose, and a new
+  search result replaces the image's old contribution; the sums are kept per half set (even/odd index) and
+  solved with the half maps' FSC as the Wiener filter (:func:`physics.backprojection.wiener_solve`), so
+  shells without signal yet stay out of the reference, as the field's coarse-to-fine band keeps them out
+  of the field. This is exact projection matching (each search sees the
   reconstruction of every other image's current pose), where a field trained by SGD lags behind the
   assignments by several epochs. The lag matters for pseudo-symmetric particles: their images start
   spread over symmetry-related orientations, and only a reference that follows the majority at once pulls
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from cryobench_lab.models.components.poses import KnownPoses
-from cryobench_lab.models.components.reconstruction import shell_index, shell_mean
+from cryobench_lab.physics.backprojection import wiener_solve
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.lattice import freq_grid_2d, freq_grid_3d
@@ -66,7 +69,6 @@ class PoseSchedule:
     lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
     lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
     reference: str = "table"  # what images are searched against: "table" or "field" (module docstring)
-    wiener_reg: float = 0.1  # table reference: V = Σ CTF·Y / (Σ CTF² + wiener_reg · shell mean of Σ CTF²)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def phase(self, epoch: int) -> str:
@@ -150,8 +152,9 @@ class SearchedPoses(nn.Module):
         cfg = self.schedule.search
         self.band = max(cfg.min_radius, cfg.max_radius * box_size / 2)  # px, the search's largest band radius
         Db = min(box_size, 2 * (math.ceil(self.band) + 2))
-        self.register_buffer("table_num", torch.zeros(n_classes, Db, Db, Db, dtype=torch.complex64))
-        self.register_buffer("table_den", torch.zeros(n_classes, Db, Db, Db))
+        # (K, 2 half sets, Db, Db, Db): the half sets (even/odd image index) give the FSC that weights the solve
+        self.register_buffer("table_num", torch.zeros(n_classes, 2, Db, Db, Db, dtype=torch.complex64))
+        self.register_buffer("table_den", torch.zeros(n_classes, 2, Db, Db, Db))
         self.register_buffer("table_class", torch.full((n_images,), -1, dtype=torch.long))
         self._class_values: Callable | None = None
         self._noise_power: Callable | None = None
@@ -207,14 +210,10 @@ class SearchedPoses(nn.Module):
 
     @torch.no_grad()
     def table_values(self, coords: torch.Tensor, k: int) -> torch.Tensor:
-        """Class k's table reference (Wiener backprojection of its images at their current poses) at integer
-        frequencies ``coords (Q, 3)`` [kx, ky, kz] within the table's box → complex (Q,)."""
-        num, den = self.table_num[k].cpu(), self.table_den[k].cpu()
-        Db = num.shape[-1]
-        shells = shell_index(Db).clamp(max=Db // 2 - 1)
-        lam = self.schedule.wiener_reg * shell_mean(den, shells, Db // 2)  # (Db/2,)
-        V = num / (den + lam[shells]).clamp(min=torch.finfo(den.dtype).tiny)  # (Db, Db, Db) [z, y, x]
-        idx = coords.round().long() + Db // 2
+        """Class k's table reference (FSC-weighted Wiener backprojection of its images at their current poses)
+        at integer frequencies ``coords (Q, 3)`` [kx, ky, kz] within the table's box → complex (Q,)."""
+        V, _ = wiener_solve(self.table_num[k].cpu(), self.table_den[k].cpu(), "fsc")  # (Db, Db, Db) [z, y, x]
+        idx = coords.round().long() + V.shape[-1] // 2
         return V[idx[:, 2], idx[:, 1], idx[:, 0]]
 
     @torch.no_grad()
@@ -239,10 +238,13 @@ class SearchedPoses(nn.Module):
         rot = self.rot[index.to(self.rot.device), classes.to(self.rot.device)].to(dev)  # (b, 3, 3)
         Y = phase_shift_2d(spectra, self.trans[index.to(self.trans.device)].cpu())[:, lo : lo + Db, lo : lo + Db]
         C = ctf[:, lo : lo + Db, lo : lo + Db] if ctf is not None else torch.ones(Y.shape)
+        half = index % 2
         for k in classes.unique().tolist():
-            s = classes == k
-            insert_slices((sign * C[s] * Y[s]).to(dev), rot[s], (sign * C[s].square()).to(dev),
-                          self.table_num[k], self.table_den[k])
+            for h in (0, 1):
+                s = (classes == k) & (half == h)
+                if s.any():
+                    insert_slices((sign * C[s] * Y[s]).to(dev), rot[s], (sign * C[s].square()).to(dev),
+                                  self.table_num[k, h], self.table_den[k, h])
 
     @torch.no_grad()
     def _search(self, batch: dict, todo: torch.Tensor, whole: bool) -> None:

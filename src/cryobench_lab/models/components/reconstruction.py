@@ -1,5 +1,5 @@
 """Pieces shared by the Fourier-space reconstruction methods (oracle backprojection, multiclass EM, focused
-classification): shell statistics, nearest-neighbour slice gridding, and the class STAR writer.
+classification): nearest-neighbour slice gridding, and the class STAR writer.
 
 Nearest-neighbour gridding: a slice pixel at frequency ``k`` (cycles per image box, ``|k| < D/2``) under
 pose ``R`` reads/writes the voxel nearest to ``pad · ([kx, ky, 0] @ R) + P // 2`` of a ``(P, P, P)``
@@ -24,21 +24,6 @@ from cryobench_lab.io.star import (
     write_star,
 )
 from cryobench_lab.physics.lattice import grid_2d
-
-
-def shell_index(P: int, device=None) -> torch.Tensor:
-    """Integer radius of every voxel of a centred (P, P, P) grid, (P, P, P) int64."""
-    k = torch.arange(P, device=device) - P // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    return torch.round(r).long()
-
-
-def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``values`` over each integer shell, (n_shells,)."""
-    flat = shells.reshape(-1).clamp(max=n_shells - 1)
-    total = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, values.reshape(-1))
-    count = torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(0, flat, torch.ones_like(values.reshape(-1)))
-    return total / count.clamp(min=1)
 
 
 class NearestGrid:
