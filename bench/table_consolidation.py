@@ -1,7 +1,7 @@
 """Projection matching from a run's pose table: does searching against the table's own backprojection pull
 images of a pseudo-symmetric particle into one orientation? (issue 9; the reason for ``poses.reference: table``)
 
-    .venv/bin/python bench/table_consolidation.py <checkpoint.ckpt> <state> <class> [wiener_reg] [cache folder]
+    .venv/bin/python bench/table_consolidation.py <checkpoint.ckpt> <state> <class> [fsc|constant] [cache folder]
 
 Takes the images of ground-truth ``state`` of a simulated preset (default: the tomotwin3 cache) and their poses
 in ``class`` of the checkpoint's pose table, then repeats: Wiener backprojection of the images at their current
@@ -19,7 +19,7 @@ import mrcfile
 import numpy as np
 import torch
 
-from cryobench_lab.models.components.reconstruction import shell_index, shell_mean
+from cryobench_lab.physics.backprojection import wiener_solve
 from cryobench_lab.physics.ctf import ctf_image
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
 from cryobench_lab.physics.rotations import axis_angle_to_matrix
@@ -31,18 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from abinit_pose_errors import residual_clusters  # noqa: E402
 
 
-def wiener_volume(spectra, ctf, rot, trans, reg: float) -> torch.Tensor:
-    """Real-space Wiener backprojection (D, D, D) of centred spectra (n, D, D) at poses rot, trans (px)."""
+def wiener_volume(spectra, ctf, rot, trans, wiener: str = "fsc", reg: float = 0.1) -> torch.Tensor:
+    """Real-space Wiener backprojection (D, D, D) of centred spectra (n, D, D) at poses rot, trans (px), from
+    even/odd half sets (physics.backprojection.wiener_solve)."""
     D = spectra.shape[-1]
-    num, den = insert_slices(phase_shift_2d(spectra, trans) * ctf, rot, ctf.square(), vol_box=D)
-    shells = shell_index(D)
-    lam = reg * shell_mean(den, shells, D // 2)
-    V = num / (den + lam[shells.clamp(max=D // 2 - 1)]).clamp(min=1e-30)
-    V[shells >= D // 2] = 0
+    Y, C2 = phase_shift_2d(spectra, trans) * ctf, ctf.square()
+    sums = [insert_slices(Y[h::2], rot[h::2], C2[h::2], vol_box=D) for h in (0, 1)]
+    V, _ = wiener_solve(torch.stack([s[0] for s in sums]), torch.stack([s[1] for s in sums]), wiener, reg)
     return ifft3_center(V).real
 
 
-def main(checkpoint: str, state: int, cls: int, reg: float = 0.1, cache: str | None = None, rounds: int = 6) -> None:
+def main(checkpoint: str, state: int, cls: int, wiener: str = "fsc", cache: str | None = None, rounds: int = 6) -> None:
     folder = Path(cache) if cache else next((Path.home() / ".cache/cryobench_lab").glob("tomotwin3-*"))
     meta = json.loads((folder / "meta.json").read_text())
     D = meta["box_size"]
@@ -62,11 +61,11 @@ def main(checkpoint: str, state: int, cls: int, reg: float = 0.1, cache: str | N
     print("start", residual_clusters(rot, R_true), flush=True)
     for r in range(rounds):
         t0 = time.time()
-        search = PoseSearch(volume_spectrum(wiener_volume(spectra, ctf, rot, trans, reg), 2), D, config=SearchConfig(n_keep=8))
+        search = PoseSearch(volume_spectrum(wiener_volume(spectra, ctf, rot, trans, wiener), 2), D, config=SearchConfig(n_keep=8))
         out = [search.search(spectra[b : b + 100], ctf[b : b + 100], noise) for b in range(0, len(idx), 100)]
         rot, trans = torch.cat([o["rot"] for o in out]), torch.cat([o["trans"] for o in out])
         print(f"round {r}: {time.time() - t0:.0f} s", residual_clusters(rot, R_true), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *(float(a) for a in sys.argv[4:5]), *sys.argv[5:6])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])

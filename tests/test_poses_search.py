@@ -225,7 +225,7 @@ def test_table_reference_tracks_the_pose_table_and_replaces_the_field(scene):
     the search uses them: a zero field there would leave the poses undetermined, the table keeps them."""
     D, B = scene["D"], len(scene["rot"])
     poses = build_pose_source({"source": "search", "pretrain_epochs": 0, "global_epochs": 2, "max_radius": 1.0,
-                               "levels": 4, "n_keep": 8, "render_every": 1}, B, 1, D, 1.0, has_poses=False)
+                               "levels": 4, "n_keep": 8, "render_every": 1, "field_epochs": 1}, B, 1, D, 1.0, has_poses=False)
     truth = fft3_center(scene["vol"])  # (D, D, D) [z, y, x], centred
     epoch = {"now": 0}
 

@@ -113,13 +113,14 @@ class PosesConfig:
 
     source: str = "given"  # given | search
     pretrain_epochs: int = 1  # epochs with random poses before the first search
-    global_epochs: int = 8  # epochs whose first pass over an image searches all of SO(3) × shifts
+    global_epochs: int = 10  # epochs whose first pass over an image searches all of SO(3) × shifts
     local_epochs: int = 2  # then epochs of local search around the current poses; SGD refinement after
     local_step_deg: float = 3.75
     render_every: int = 4  # searched batches between renders of the fields
     lr_rot: float = 0.01  # refinement rates: radians, px
     lr_trans: float = 0.1
     reference: str = "table"  # searched against: table (backprojection of the current poses) | field
+    field_epochs: int = 3  # reference table: searched epochs against the field before the table takes over
     base_spacing_deg: float = 15.0  # global grid (≈4.4k rotations)
     levels: int = 3  # coarse-to-fine levels of the global search, each halving the steps
     n_keep: int = 8  # candidates kept per image after the global level

@@ -20,20 +20,21 @@ The image's shift is the one found in the class where the search's energy is low
 References (``reference``), rebuilt at most every ``render_every`` searched batches:
 
 - ``field``: the model's field of the class rendered at its latent centroid (:func:`render_spectrum`);
-- ``table`` (default): in the first searched epoch the field as above, afterwards the Wiener backprojection
-  of the pose table itself: every searched image is kept, within the search band, in the Fourier sums of
-  the class the model assigns it to (``attach(..., assigned_class=)``), at its current pose, and a new
-  search result replaces the image's old contribution; the sums are kept per half set (even/odd index) and
-  solved with the half maps' FSC as the Wiener filter (:func:`physics.backprojection.wiener_solve`), so
-  shells without signal yet stay out of the reference, as the field's coarse-to-fine band keeps them out
-  of the field. This is exact projection matching (each search sees the
-  reconstruction of every other image's current pose), where a field trained by SGD lags behind the
-  assignments by several epochs. The lag matters for pseudo-symmetric particles: their images start
-  spread over symmetry-related orientations, and only a reference that follows the majority at once pulls
-  the rest into it (7PBL's pseudo-6-fold ring: 8 field-referenced epochs left it split 406/237/209 over
-  orientations 60° apart; 6 backprojection rounds from there put 992 of 1000 in one, BENCHMARKS.md). A mixture may restrict
-which classes an image is searched in (``attach(..., search_classes=)``): once its class is certain, the
-search in the other classes is wasted work (about (K − 1)/K of a search epoch).
+- ``table`` (default): for the first ``field_epochs`` searched epochs the field as above, afterwards the
+  Wiener backprojection of the pose table itself: every searched image is kept, within the search band, in
+  the Fourier sums of the class the model assigns it to (``attach(..., assigned_class=)``), at its current
+  pose, and a new search result replaces the image's old contribution; the sums are kept per half set
+  (even/odd index) and solved with the half maps' FSC as the Wiener filter
+  (:func:`physics.backprojection.wiener_solve`).
+
+Why both, in that order (measured, BENCHMARKS.md, issue 9): from random poses, projection matching against
+the table's own backprojection locks in noise-driven poses (adk: 66° median error after 6 epochs), while the
+field, an MLP trained by SGD, is a smoothed running average that finds the fold (13° after 2 epochs). That
+averaging then lags the assignments by epochs, which is what a pseudo-symmetric particle cannot afford: its
+images start spread over symmetry-related orientations, and only a reference that follows the majority at
+once pulls the rest into it (7PBL's pseudo-6-fold ring: 8 field-referenced epochs left it split 406/237/209
+over orientations 60° apart; 6 rounds against the table's backprojection from there put 992 of 1000 in one).
+It is the usual order of an SGD ab initio followed by projection-matching refinement.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class PoseSchedule:
     lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
     lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
     reference: str = "table"  # what images are searched against: "table" or "field" (module docstring)
+    field_epochs: int = 3  # reference "table": searched epochs against the field before the table takes over
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def phase(self, epoch: int) -> str:
@@ -84,6 +86,8 @@ class PoseSchedule:
     def __post_init__(self):
         if self.reference not in ("table", "field"):
             raise ValueError(f"poses.reference must be 'table' or 'field', got {self.reference!r}")
+        if self.field_epochs < 1:
+            raise ValueError("poses.field_epochs must be ≥ 1: the table is filled by a search against the fields")
 
 
 def build_pose_source(cfg: dict | None, n_images: int, n_classes: int, box_size: int, apix: float,
@@ -218,7 +222,8 @@ class SearchedPoses(nn.Module):
 
     @torch.no_grad()
     def _render(self) -> list[PoseSearch]:
-        table = self.schedule.reference == "table" and self._epoch() > self.schedule.pretrain_epochs
+        table = (self.schedule.reference == "table"
+                 and self._epoch() >= self.schedule.pretrain_epochs + self.schedule.field_epochs)
         searchers = []
         for k in range(self.K):
             if table and bool((self.table_class == k).any()):
