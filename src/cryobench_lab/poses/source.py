@@ -33,7 +33,8 @@ field, an MLP trained by SGD, is a smoothed running average that finds the fold 
 averaging then lags the assignments by epochs, which is what a pseudo-symmetric particle cannot afford: its
 images start spread over symmetry-related orientations, and only a reference that follows the majority at
 once pulls the rest into it (7PBL's pseudo-6-fold ring: 8 field-referenced epochs left it split 406/237/209
-over orientations 60° apart; 6 rounds against the table's backprojection from there put 992 of 1000 in one).
+over orientations 60° apart; 3 rounds against the table's backprojection from there put 989 of 1000 in one,
+bench/table_consolidation.py).
 It is the usual order of an SGD ab initio followed by projection-matching refinement.
 """
 
