@@ -1,12 +1,13 @@
 """Projection matching from a run's pose table: does searching against the table's own backprojection pull
 images of a pseudo-symmetric particle into one orientation? (issue 9; the reason for ``poses.reference: table``)
 
-    .venv/bin/python bench/table_consolidation.py <checkpoint.ckpt> <state> <class> [fsc|constant] [cache folder]
+    .venv/bin/python bench/table_consolidation.py <checkpoint.ckpt> <state> <class> [fsc|constant|truth] [cache folder]
 
 Takes the images of ground-truth ``state`` of a simulated preset (default: the tomotwin3 cache) and their poses
 in ``class`` of the checkpoint's pose table, then repeats: Wiener backprojection of the images at their current
 poses → global search of every image against it. Prints per round the seconds and the clusters of residual
-rotations (bench/abinit_pose_errors.py): one cluster is a solved state.
+rotations (bench/abinit_pose_errors.py): one cluster is a solved state. ``truth`` instead searches once against
+the state's ground-truth volume: how far the data alone determine the poses.
 """
 
 import json
@@ -59,9 +60,14 @@ def main(checkpoint: str, state: int, cls: int, wiener: str = "fsc", cache: str 
     trans = (sd["poses.trans"] + sd["poses.trans_delta.weight"])[idx]
     spectra = fft2_center(images)
     print("start", residual_clusters(rot, R_true), flush=True)
-    for r in range(rounds):
+    for r in range(1 if wiener == "truth" else rounds):
         t0 = time.time()
-        search = PoseSearch(volume_spectrum(wiener_volume(spectra, ctf, rot, trans, wiener), 2), D, config=SearchConfig(n_keep=8))
+        if wiener == "truth":  # images are −CTF·projection·apix when the preset inverts them (meta.json)
+            vol = torch.as_tensor(mrcfile.read(folder / f"gt_volumes/state_{state:03d}.mrc").copy()).float() * meta["apix"]
+            vol = -vol if meta.get("invert") else vol
+        else:
+            vol = wiener_volume(spectra, ctf, rot, trans, wiener)
+        search = PoseSearch(volume_spectrum(vol, 2), D, config=SearchConfig(n_keep=8))
         out = [search.search(spectra[b : b + 100], ctf[b : b + 100], noise) for b in range(0, len(idx), 100)]
         rot, trans = torch.cat([o["rot"] for o in out]), torch.cat([o["trans"] for o in out])
         print(f"round {r}: {time.time() - t0:.0f} s", residual_clusters(rot, R_true), flush=True)
