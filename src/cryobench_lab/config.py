@@ -120,7 +120,7 @@ class PosesConfig:
     lr_rot: float = 0.01  # refinement rates: radians, px
     lr_trans: float = 0.1
     reference: str = "table"  # searched against: table (backprojection of the current poses) | field
-    field_epochs: int = 3  # reference table: searched epochs against the field before the table takes over
+    field_epochs: int = 5  # reference table: searched epochs against the field before the table takes over
     base_spacing_deg: float = 15.0  # global grid (≈4.4k rotations)
     levels: int = 3  # coarse-to-fine levels of the global search, each halving the steps
     n_keep: int = 8  # candidates kept per image after the global level

@@ -71,7 +71,7 @@ class PoseSchedule:
     lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
     lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
     reference: str = "table"  # what images are searched against: "table" or "field" (module docstring)
-    field_epochs: int = 3  # reference "table": searched epochs against the field before the table takes over
+    field_epochs: int = 5  # reference "table": searched epochs against the field before the table takes over
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def phase(self, epoch: int) -> str:
