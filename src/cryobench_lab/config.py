@@ -116,7 +116,7 @@ class PosesConfig:
     global_epochs: int = 10  # epochs whose first pass over an image searches all of SO(3) × shifts
     local_epochs: int = 2  # then epochs of local search around the current poses; SGD refinement after
     local_step_deg: float = 3.75
-    render_every: int = 4  # searched batches between renders of the fields
+    render_every: int = 4  # searched batches between rebuilds of the search references
     lr_rot: float = 0.01  # refinement rates: radians, px
     lr_trans: float = 0.1
     reference: str = "table"  # searched against: table (backprojection of the current poses) | field

@@ -67,7 +67,7 @@ class PoseSchedule:
     global_epochs: int = 2
     local_epochs: int = 2
     local_step_deg: float = 3.75  # first step of the local search (then halved twice)
-    render_every: int = 4  # searched batches between renders of the fields
+    render_every: int = 4  # searched batches between rebuilds of the search references
     lr_rot: float = 0.01  # SparseAdam rate of the rotation corrections (radians)
     lr_trans: float = 0.1  # SparseAdam rate of the shift corrections (px)
     reference: str = "table"  # what images are searched against: "table" or "field" (module docstring)
@@ -153,10 +153,10 @@ class SearchedPoses(nn.Module):
         nn.init.zeros_(self.rot_delta.weight)
         nn.init.zeros_(self.trans_delta.weight)
         # the table reference: Fourier sums Σ CTF·Y and Σ CTF² per class over a box Db that holds the search
-        # band, and the class each image is in (−1: none yet)
+        # band (empty with reference "field"), and the class each image is in (−1: none yet)
         cfg = self.schedule.search
         self.band = max(cfg.min_radius, cfg.max_radius * box_size / 2)  # px, the search's largest band radius
-        Db = min(box_size, 2 * (math.ceil(self.band) + 2))
+        Db = min(box_size, 2 * (math.ceil(self.band) + 2)) if self.schedule.reference == "table" else 0
         # (K, 2 half sets, Db, Db, Db): the half sets (even/odd image index) give the FSC that weights the solve
         self.register_buffer("table_num", torch.zeros(n_classes, 2, Db, Db, Db, dtype=torch.complex64))
         self.register_buffer("table_den", torch.zeros(n_classes, 2, Db, Db, Db))
@@ -229,7 +229,7 @@ class SearchedPoses(nn.Module):
         for k in range(self.K):
             if table and bool((self.table_class == k).any()):
                 values = partial(self.table_values, k=k)
-            else:  # first searched epoch, field references, or a class with no images
+            else:  # a field epoch, reference "field", or a class with no images in the table
                 values = partial(self._class_values, k=k)
             searchers.append(PoseSearch(render_spectrum(values, self.D, self.band), self.D, config=self.schedule.search))
         return searchers
