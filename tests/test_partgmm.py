@@ -12,7 +12,15 @@ from hydra import compose, initialize_config_dir
 from cryobench_lab.config import register_configs
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.models.components.gaussian_render import render_gaussians
-from cryobench_lab.models.components.parts import allocate, discover_anchors, kmeans_pp, silhouette
+from cryobench_lab.models.components.parts import (
+    allocate,
+    calinski_harabasz,
+    choose_k,
+    discover_anchors,
+    kmeans_pp,
+    principal_components,
+    response_profile,
+)
 from cryobench_lab.models.partgmm import PartGMM, positional_features
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
@@ -106,16 +114,48 @@ def test_renderer_matches_project_gaussians_and_its_gradients():
         assert (x - y).abs().max() < 1e-5 * x.abs().max()
 
 
-def test_kmeans_silhouette_and_allocation():
+def test_kmeans_calinski_harabasz_and_allocation():
     g = np.random.default_rng(0)
     x = np.concatenate([g.normal(0, 0.1, (50, 2)), g.normal(5, 0.1, (30, 2))])
     labels, _ = kmeans_pp(x, 2, seed=3)
     assert sorted(np.bincount(labels).tolist()) == [30, 50]
-    assert silhouette(x, labels) > 0.9
+    # closed form: between/within dispersion per degree of freedom
+    c = np.stack([x[labels == j].mean(0) for j in range(2)])
+    between = sum((labels == j).sum() * ((c[j] - x.mean(0)) ** 2).sum() for j in range(2))
+    within = ((x - c[labels]) ** 2).sum()
+    assert np.isclose(calinski_harabasz(x, labels), between / within * (80 - 2))
+    assert calinski_harabasz(x, np.zeros(80, int)) == 0.0
     assert allocate(np.array([60, 30, 10]), 10).tolist() == [6, 3, 1]
     found = discover_anchors(np.concatenate([x, x[:, :1]], 1), g.normal(size=(80, 3)), None, 6, max_parts=5, seed=0)
     assert found["n_parts"] == 2 and len(found["anchor_index"]) == 6
     assert (found["part"][found["anchor_index"]] == found["anchor_part"]).all()  # an anchor belongs to its part
+
+
+def test_response_profile_finds_parts_that_move_and_appear_together():
+    """Three groups of unequal size: static, sliding along x with the latent, fading with the latent. The
+    profile is each Gaussian's deviation from its mean, shifts in units of √2σ (closed form), and the count
+    and the partition are recovered from it."""
+    g = np.random.default_rng(1)
+    n, L = np.array([60, 25, 15]), 64
+    truth = np.repeat(np.arange(3), n)
+    t = g.uniform(-1, 1, L)  # a 1-D latent coordinate
+    shift = g.normal(0, 0.05, (L, n.sum(), 3))  # Å, fitting noise
+    shift[:, truth == 1, 0] += 3.0 * t[:, None]
+    gate = 0.97 + g.normal(0, 0.01, (L, n.sum()))
+    gate[:, truth == 2] = 0.5 + 0.45 * t[:, None]
+    prof = response_profile(shift, gate, 2.0)
+    assert prof.shape == (n.sum(), 4 * L)
+    i = int(np.flatnonzero(truth == 1)[0])
+    expect = (shift[:, i, 0] - shift[:, i, 0].mean()) / (np.sqrt(2) * 2.0)
+    assert np.allclose(prof[i, 0: 3 * L: 3], expect)
+    assert np.allclose(prof[:, 3 * L:], (gate - gate.mean(0)).T)
+    space = principal_components(prof, 4)
+    assert np.allclose(np.linalg.norm(principal_components(prof, 4 * L) - principal_components(prof, 4 * L).mean(0), axis=1),
+                       np.linalg.norm(prof - prof.mean(0), axis=1))  # all components: a rotation of the centred rows
+    k = choose_k(space, 6)
+    labels, _ = kmeans_pp(space, k)
+    assert k == 3
+    assert len({(a, b) for a, b in zip(labels, truth)}) == 3  # the partition is the truth's
 
 
 def test_each_stage_lowers_its_loss(trained):

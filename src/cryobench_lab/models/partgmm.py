@@ -17,10 +17,16 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
 - Stage 1, part discovery: ``n_coarse`` Gaussians, each with a feature f_i (``feature_dim``); one MLP of
   ``[z, f_i]`` gives a shift (px, × apix → Å) and an amplitude-gate logit per Gaussian. A weak prior
   ``feature_reg · Σ‖f_i‖²`` keeps features that the data do not need near 0, so static Gaussians share
-  one feature cluster. Then :func:`~cryobench_lab.models.components.parts.discover_anchors`: k-means++ on
-  features into parts (``n_parts``, or the silhouette-best count up to ``max_parts``), then k-means++ on
-  positions inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse
-  Gaussian nearest its centroid (its centre c_a and feature f̄_a).
+  one feature cluster. Then :func:`~cryobench_lab.models.components.parts.discover_anchors`: k-means++ into
+  parts (``n_parts``, or the Calinski–Harabasz-best count up to ``max_parts``), then k-means++ on positions
+  inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse Gaussian nearest its
+  centroid (its centre c_a and feature f̄_a). What is clustered (``part_space``): the paper clusters the
+  features (``features``). The default ``response`` clusters what the features do instead: each
+  Gaussian's shifts and gates predicted by stage 1's network at 256 training latents, as a relative change
+  of a Gaussian of the mixture's median width (:func:`~cryobench_lab.models.components.parts.response_profile`), reduced to its first
+  ``latent_dim`` principal components. Gaussians that move and appear together are close there by
+  construction; in feature space they need not be (adk: silhouette 0.2 for features vs 0.4 for
+  responses, NMP merged into CORE; BENCHMARKS.md, issue 6).
 - Stage 2, part-aware mixture: ``n_fine`` Gaussians, re-seeded and fitted like stage 0, each assigned to
   the anchor of its nearest coarse Gaussian and stored as an offset o_i from that anchor's centre. It is
   warm-started from stage 1: Δf_i starts at (feature of the nearest coarse Gaussian − f̄_a) and MLP_G at
@@ -76,11 +82,13 @@ from cryobench_lab.models.backproject import Backprojection
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import quaternion_vector_to_matrix
 from cryobench_lab.models.components.gaussian_render import render_gaussians
-from cryobench_lab.models.components.parts import discover_anchors
+from cryobench_lab.models.components.parts import discover_anchors, principal_components, response_profile
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
 from cryobench_lab.physics.gaussians import voxelize_gaussians
 
 FEATURES = ("learned", "positional")
+PART_SPACES = ("response", "features")
+RESPONSE_LATENTS = 256  # training latents at which part discovery samples stage 1's network
 GATE_INIT_LOGIT = 3.0  # gates start at sigmoid(3) ≈ 0.95: every Gaussian present
 
 
@@ -147,7 +155,9 @@ class PartGMM(ReconstructionModule):
         features: ``learned`` (per-Gaussian learnable features) or ``positional`` (fixed encoding).
         feature_dim, latent_dim: F and d.
         n_coarse, n_fine: Gaussians in stages 1 and 2.
-        n_parts: feature clusters (None: silhouette-best in 2..max_parts); n_anchors: anchors in total.
+        part_space: what part discovery clusters: ``response`` (stage 1's predicted shifts and gates of each
+            Gaussian over training latents) or ``features`` (the features themselves, as in the paper).
+        n_parts: parts (None: the Calinski–Harabasz-best count in 2..max_parts); n_anchors: anchors in total.
         hidden_dim, n_layers: the per-Gaussian MLPs (stage 1, MLP_G); anchor_hidden, anchor_layers: MLP_A.
         latent_prior: λ_z; feature_reg: λ_f; noise_sigma: σ of the data term (unit-std image units).
         stage1_epochs, stage2_epochs: epochs of stages 1 and 2 (stage 0 is one pass).
@@ -166,6 +176,7 @@ class PartGMM(ReconstructionModule):
         name: str = "partgmm",
         hierarchy: bool = True,
         features: str = "learned",
+        part_space: str = "response",
         feature_dim: int = 24,
         latent_dim: int = 4,
         n_coarse: int = 512,
@@ -194,6 +205,8 @@ class PartGMM(ReconstructionModule):
         super().__init__(info, name)
         if features not in FEATURES:
             raise ValueError(f"model.features must be one of {', '.join(FEATURES)}, got {features!r}")
+        if part_space not in PART_SPACES:
+            raise ValueError(f"model.part_space must be one of {', '.join(PART_SPACES)}, got {part_space!r}")
         if not info.has_poses:
             raise ValueError(f"model={name} uses known poses: pass data.poses= or a star/cs file with angles")
         if n_parts is not None and not 1 <= n_parts <= n_anchors:
@@ -350,11 +363,12 @@ class PartGMM(ReconstructionModule):
 
     @torch.no_grad()
     def discover_parts(self) -> dict:
-        """k-means++ on the coarse features, then on positions per part → anchors; re-seed the fine mixture."""
+        """Cluster the coarse Gaussians into parts, then by position into anchors; re-seed the fine mixture."""
         h = self.hparams
-        feats = self._coarse_features().cpu().numpy()
+        feats = self._coarse_features()
+        space = feats.cpu().numpy() if h.part_space == "features" else principal_components(self.coarse_response(), h.latent_dim)
         # every part needs an anchor: at most n_anchors parts
-        found = discover_anchors(feats, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors,
+        found = discover_anchors(space, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors,
                                  min(h.max_parts, h.n_anchors), h.seed)
         K = len(found["anchor_index"])
         idx = torch.from_numpy(found["anchor_index"]).to(self.device)
@@ -378,6 +392,17 @@ class PartGMM(ReconstructionModule):
             self.fine_pe.copy_(positional_features(positions, h.feature_dim, self.D * self.apix, h.seed))
         self.net_g.load_state_dict(self.net1.state_dict())
         return found
+
+    @torch.no_grad()
+    def coarse_response(self, n_latents: int = RESPONSE_LATENTS) -> np.ndarray:
+        """Stage 1's response profile of every coarse Gaussian (:func:`response_profile`) over ``n_latents``
+        training latents drawn with the model's seed → ``(n_coarse, 4 · n_latents)``."""
+        n = self.latents.num_embeddings
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))[:n_latents]
+        z = self.latents.weight[pick.to(self.device)]  # (L, d)
+        out = self.net1(z, self._coarse_features())  # (L, n_coarse, 4)
+        return response_profile((out[..., :3] * self.apix).cpu().numpy(), torch.sigmoid(out[..., 3]).cpu().numpy(),
+                                float(self.coarse.sigma.median()))
 
     # ---- model -----------------------------------------------------------------------------------------
     def _coarse_features(self) -> torch.Tensor:

@@ -49,33 +49,54 @@ def kmeans_pp(x: np.ndarray, k: int, seed: int = 0, n_iter: int = 100, n_init: i
     return best[1], best[2]
 
 
-def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette coefficient of a clustering (Euclidean); 0 when there is a single cluster."""
+def calinski_harabasz(x: np.ndarray, labels: np.ndarray) -> float:
+    """Calinski–Harabasz index of a clustering: between- over within-cluster dispersion, each per degree of
+    freedom, ``(B / (k − 1)) / (W / (n − k))``; 0 for a single cluster."""
     x = np.asarray(x, np.float64)
-    ids = np.unique(labels)
-    if len(ids) < 2:
+    ids, labels = np.unique(labels, return_inverse=True)
+    n, k = len(x), len(ids)
+    if k < 2 or k >= n:
         return 0.0
-    sq = (x**2).sum(1)
-    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # (n, n)
-    member = labels[:, None] == ids[None, :]  # (n, k)
-    sums = d @ member  # (n, k) summed distance to each cluster
-    sizes = member.sum(0)
-    own = member.argmax(1)
-    own_size = sizes[own]
-    a = sums[np.arange(len(x)), own] / np.maximum(own_size - 1, 1)
-    others = np.where(member, np.inf, sums / sizes[None, :])
-    b = others.min(1)
-    s = np.where(own_size > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-30), 0.0)
-    return float(s.mean())
+    sizes = np.bincount(labels, minlength=k)
+    centroids = np.stack([x[labels == j].mean(0) for j in range(k)])  # (k, f)
+    between = (sizes * ((centroids - x.mean(0)) ** 2).sum(1)).sum()
+    within = ((x - centroids[labels]) ** 2).sum()
+    return float(between / (k - 1) / max(within / (n - k), 1e-30))
 
 
-def choose_k(x: np.ndarray, k_max: int, seed: int = 0, max_points: int = 2048) -> int:
-    """Number of clusters in 2..k_max with the highest mean silhouette (on at most ``max_points`` points)."""
+def choose_k(x: np.ndarray, k_max: int, seed: int = 0) -> int:
+    """Number of clusters in 2..k_max with the highest Calinski–Harabasz index.
+
+    Chosen over the mean silhouette, which on the adk response profiles (BENCHMARKS.md, issue 6) rates 2 and
+    3 parts within 0.01 and picks 2, merging the NMP domain into the CORE.
+    """
     x = np.asarray(x, np.float64)
-    if len(x) > max_points:
-        x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
-    scores = {k: silhouette(x, kmeans_pp(x, k, seed)[0]) for k in range(2, max(2, k_max) + 1)}
+    scores = {k: calinski_harabasz(x, kmeans_pp(x, k, seed)[0]) for k in range(2, max(2, k_max) + 1)}
     return max(scores, key=scores.get)
+
+
+def principal_components(x: np.ndarray, r: int) -> np.ndarray:
+    """Scores of the rows of ``x (n, f)`` on its first ``r`` principal components → ``(n, r)``."""
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, :r] * s[:r]
+
+
+def response_profile(shift: np.ndarray, gate: np.ndarray, sigma: float) -> np.ndarray:
+    """How each Gaussian responds to the latent: ``shift (L, n, 3)`` Å and ``gate (L, n)`` predicted at L
+    latents, and the mixture's typical std σ (Å) → ``(n, 4L)``.
+
+    Each Gaussian's deviation from its own mean over the latents. Shifts are measured as the relative L2
+    change they cause in a Gaussian of std σ, ``d / (√2 σ)`` to first order, the scale of a gate change Δg
+    (which changes the density by Δg). One σ for all Gaussians, so the members of a part that moves as one
+    have the same profile whatever their widths.
+    """
+    shift = np.asarray(shift, np.float64)
+    gate = np.asarray(gate, np.float64)
+    d = (shift - shift.mean(0)) / (np.sqrt(2.0) * float(sigma))  # (L, n, 3)
+    g = gate - gate.mean(0)  # (L, n)
+    return np.concatenate([d.transpose(1, 0, 2).reshape(d.shape[1], -1), g.T], 1)
 
 
 def allocate(sizes: np.ndarray, total: int) -> np.ndarray:
@@ -98,7 +119,7 @@ def discover_anchors(
     """Two-level clustering of Gaussians into parts and anchors.
 
     features ``(n, f)`` and positions ``(n, 3)`` Å of the coarse Gaussians. Level 1: k-means++ on the
-    features into ``n_parts`` parts (None: the count in 2..max_parts with the best silhouette) — Gaussians
+    features into ``n_parts`` parts (None: the count in 2..max_parts chosen by :func:`choose_k`) — Gaussians
     that move and appear together. Level 2: inside each part, k-means++ on the positions; ``n_anchors`` in
     total are allocated to parts in proportion to their sizes. Each anchor is the Gaussian nearest its
     position centroid. Returns ``part (n,)``, ``anchor (n,)`` (Gaussian → anchor), ``anchor_index (K,)``
