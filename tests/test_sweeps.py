@@ -97,6 +97,18 @@ def test_compare_mean_std_over_seeds_figures_and_html(tmp_path):
     assert len(pd.read_csv(out["runs_csv"])) == 8
 
 
+def test_compare_reads_the_part_scores_of_part_aware_mixtures(tmp_path):
+    for seed, ari in enumerate((0.6, 0.7)):
+        run = tmp_path / "study" / f"seed={seed}"
+        _fake_run(run, "partgmm", seed, 1, 0.3, math.nan)
+        (run / "parts").mkdir()
+        parts = {"n_parts": 3, "n_anchors": 16, "part_sizes": [5, 5], "part_ari_vs_domain": ari, "gates": {"0": {}}}
+        (run / "parts" / "parts.json").write_text(json.dumps(parts))
+    row = pd.read_csv(compare([tmp_path / "study"])["summary_csv"]).iloc[0]
+    assert row["val/part_ari_mean"] == pytest.approx(0.65) and row["val/n_parts_mean"] == 3
+    assert "val/n_anchors_mean" not in row and "val/part_sizes_mean" not in row
+
+
 def _tiny_args(tiny) -> list[str]:
     return ["data=custom", f"data.particles={tiny / 'particles.star'}", f"data.labels={tiny / 'labels.npy'}",
             f"data.gt_volumes={tiny / 'gt_volumes'}", "data.snr=0.1"]

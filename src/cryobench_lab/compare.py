@@ -6,6 +6,9 @@ them) and writes, into ``--out`` (default: ``<the one sweep dir>/compare``, else
 - ``summary.csv`` / ``summary.md``: one row per dataset × method × ablation, mean ± std over the seeds of
   every scalar metric (FSC-AUC, resolutions, ARI, distance correlations, clashes, wall time, images/s);
 - ``runs.csv``: one row per run (the raw numbers behind the summary);
+- part-aware mixtures (model=partgmm*) add the scalars of their ``parts/parts.json`` as ``val/part_ari``,
+  ``val/anchor_ari``, ``val/coappearance_ari`` (each vs the nearest chain or domain), ``val/n_parts``,
+  ``val/gate_absent_max`` and ``val/gate_present_min``;
 - ``figures/fsc_curves.png`` (per-state FSC averaged over states, then seeds, one curve per row),
   ``figures/bars.png`` (the main metrics, bars with ±1 std error bars) and ``figures/ari_vs_k.png`` (when the
   number of classes varies);
@@ -43,6 +46,7 @@ PRIORITY = {
     "val/ari": "ARI",
     "val/nmi": "NMI",
     "val/segmentation_ari": "segmentation ARI",
+    "val/part_ari": "part ARI",
     "val/clashes_median": "clashes (median)",
     "val/clashes_mean": "clashes (mean)",
     "train/wall_time_s": "wall time (s)",
@@ -50,8 +54,10 @@ PRIORITY = {
 }
 #: scalar keys that describe a run rather than measure it
 DESCRIPTIVE = {"seed", "n_particles", "box_size", "apix", "train/epochs", "train/skipped_steps", "config_hash"}
+#: parts/parts.json entries that are not measurements
+PARTS_DESCRIPTIVE = {"n_anchors", "gaussians_near_atoms"}
 #: metrics drawn as bars (those present)
-BAR_METRICS = ("val/fsc_auc_mean", "val/ari", "val/segmentation_ari", "val/clashes_median", "train/images_per_s")
+BAR_METRICS = ("val/fsc_auc_mean", "val/ari", "val/segmentation_ari", "val/part_ari", "val/clashes_median", "train/images_per_s")
 KEY_COLUMNS = ("dataset", "method")
 
 
@@ -86,6 +92,17 @@ def _is_scalar(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _part_scalars(run: Path) -> dict:
+    """``val/*`` scalars of a part-aware mixture's ``parts/parts.json``; the truth suffix (``_vs_chain``,
+    ``_vs_domain``) is dropped so that datasets share a column."""
+    path = run / "parts" / "parts.json"
+    if not path.is_file():
+        return {}
+    parts = json.loads(path.read_text())
+    return {"val/" + k.removesuffix("_vs_chain").removesuffix("_vs_domain"): float(v)
+            for k, v in parts.items() if _is_scalar(v) and k not in PARTS_DESCRIPTIVE}
+
+
 def load_run(run: Path) -> dict:
     """One run: ``metrics`` (scalars), ``config`` (flattened), ``per_state`` (FSC curves), ``path``."""
     from omegaconf import OmegaConf
@@ -95,6 +112,7 @@ def load_run(run: Path) -> dict:
     if (run / "config.yaml").is_file():
         config = _flatten(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False))
     scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v) and k not in DESCRIPTIVE}
+    scalars.update(_part_scalars(run))
     return {
         "path": str(run), "metrics": scalars, "config": config,
         "dataset": str(metrics.get("dataset", config.get("data.name", "?"))),
