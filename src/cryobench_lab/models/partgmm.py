@@ -375,7 +375,7 @@ class PartGMM(ReconstructionModule):
         self.anchor_centers.zero_()
         self.anchor_features.zero_()
         self.anchor_centers[:K] = self.coarse.centers[idx]
-        self.anchor_features[:K] = self._coarse_features()[idx]
+        self.anchor_features[:K] = feats[idx]
         self.anchor_part[:K] = torch.from_numpy(found["anchor_part"]).to(self.device)
         self.coarse_part.copy_(torch.from_numpy(found["part"]))
         self.coarse_anchor.copy_(torch.from_numpy(found["anchor"]))
@@ -386,7 +386,7 @@ class PartGMM(ReconstructionModule):
         # Stage 2 starts from what stage 1 learned: each fine Gaussian takes the feature of its nearest coarse
         # Gaussian (as an offset from its anchor's) and MLP_G starts as stage 1's network, so the gates and
         # displacements begin where stage 1 left them instead of being learned again from zero.
-        self.fine_dfeat.copy_(self._coarse_features()[nearest] - self.anchor_features[self.fine_anchor])
+        self.fine_dfeat.copy_(feats[nearest] - self.anchor_features[self.fine_anchor])
         if h.features == "positional":
             self.fine_dfeat.zero_()
             self.fine_pe.copy_(positional_features(positions, h.feature_dim, self.D * self.apix, h.seed))
