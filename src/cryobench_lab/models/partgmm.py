@@ -18,8 +18,8 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
   ``[z, f_i]`` gives a shift (px, × apix → Å) and an amplitude-gate logit per Gaussian. A weak prior
   ``feature_reg · Σ‖f_i‖²`` keeps features that the data do not need near 0, so static Gaussians share
   one feature cluster. Then :func:`~cryobench_lab.models.components.parts.discover_anchors`: k-means++ into
-  parts (``n_parts``, or the Calinski–Harabasz-best count up to ``max_parts``), then k-means++ on positions
-  inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse Gaussian nearest its
+  parts (``n_parts``, or a count up to ``max_parts`` by :func:`~cryobench_lab.models.components.parts.choose_k`),
+  then k-means++ on positions inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse Gaussian nearest its
   centroid (its centre c_a and feature f̄_a). What is clustered (``part_space``): the paper clusters the
   features (``features``). The default ``response`` clusters what the features do instead: each
   Gaussian's shifts and gates predicted by stage 1's network at 256 training latents, as a relative change
@@ -157,7 +157,7 @@ class PartGMM(ReconstructionModule):
         n_coarse, n_fine: Gaussians in stages 1 and 2.
         part_space: what part discovery clusters: ``response`` (stage 1's predicted shifts and gates of each
             Gaussian over training latents) or ``features`` (the features themselves, as in the paper).
-        n_parts: parts (None: the Calinski–Harabasz-best count in 2..max_parts); n_anchors: anchors in total.
+        n_parts: parts (None: a count in 2..max_parts by the one-standard-error rule on the Calinski–Harabasz index); n_anchors: anchors in total.
         hidden_dim, n_layers: the per-Gaussian MLPs (stage 1, MLP_G); anchor_hidden, anchor_layers: MLP_A.
         latent_prior: λ_z; feature_reg: λ_f; noise_sigma: σ of the data term (unit-std image units).
         stage1_epochs, stage2_epochs: epochs of stages 1 and 2 (stage 0 is one pass).
