@@ -4,7 +4,7 @@
 
 The renderer's FLOPs are counted as its batched matmul, 2·B·N·D² for B images of N Gaussians (the
 ``render_*_fraction_matmul`` rows), and, in the ``*_fraction`` rows, also ≈ 10 flops per erf-edge
-element, 2·B·N·(D+1) of them. The peak is a float32 (2048 × 2048) matmul timed in the same run, with the
+element, 2·B·N·(W+1) of them for the renderer's W-pixel window around each Gaussian (±5σ). The peak is a float32 (2048 × 2048) matmul timed in the same run, with the
 same number of threads. With ``--threads 1`` every time is the thread's CPU time (``time.thread_time``),
 so the load of a shared machine does not enter the fraction; with more threads it is wall time (then
 run on an idle machine). The load average is recorded next to the numbers.
@@ -21,6 +21,7 @@ import torch
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.models.components.atoms import project_residues
+from cryobench_lab.models.components.gaussian_render import window_pixels
 from cryobench_lab.models.segment_vae import SegmentVAE
 from cryobench_lab.physics.rotations import random_rotations
 
@@ -68,7 +69,7 @@ def main() -> None:
     render = _best(forward, args.steps, clock)
     render_fb = _best(forward_backward, args.steps, clock)
     matmul_flops = 2 * B * n * D * D
-    flops = matmul_flops + 10 * 2 * B * n * (D + 1)
+    flops = matmul_flops + 10 * 2 * B * n * (window_pixels(2.0, D, apix) + 1)
     opt = model.configure_optimizers()
 
     def step():

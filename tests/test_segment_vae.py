@@ -214,7 +214,8 @@ def test_project_residues_gradient_matches_autograd_of_project_gaussians():
     (expected,) = torch.autograd.grad((ref * weights).sum(), centers)
     out = project_residues(centers, 2.0, amps, rot, D, APIX, shifts)
     (got,) = torch.autograd.grad((out * weights).sum(), centers)
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    # the renderer drops tails beyond ±5σ of each centre (below 6e-7 of the peak)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_half_spectrum_ctf_equals_the_centred_full_spectrum_filter(model):

@@ -31,13 +31,23 @@ _FACTOR_ELEMENTS = 1 << 24
 _WINDOW_SIGMAS = 5.0
 
 
+def window_pixels(sigma_max: float, D: int, apix: float) -> int:
+    """Pixels in each Gaussian's window: ±5σ of the widest Gaussian (σ in Å), at most the box ``D``."""
+    return min(D, 2 * math.ceil(_WINDOW_SIGMAS * sigma_max / apix) + 2)
+
+
+def window_start(x: torch.Tensor, W: int, D: int, apix: float) -> torch.Tensor:
+    """First pixel (int64, same shape as ``x``) of the ``W``-pixel window around each coordinate ``x`` (Å,
+    along one image axis). A window is moved inside the box where it would leave it: its pixels are then
+    still exact, only tail pixels beyond the window are dropped."""
+    return (torch.floor(x / apix + D // 2 + 0.5) - W // 2).clamp_(0, D - W).long()
+
+
 def _window(xy: torch.Tensor, sigma: torch.Tensor, D: int, apix: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each Gaussian's pixel window along x and y → first pixel ``j0 (b, N, 2)`` int64 and the window's
-    ``W + 1`` edges in Å ``(b, N, 2, W + 1)``. W covers ±5σ of the widest Gaussian (at most D); a window
-    is moved inside the box where it would leave it (its pixels are then still exact, only tail pixels
-    beyond the window are dropped)."""
-    W = min(D, 2 * math.ceil(_WINDOW_SIGMAS * float(sigma.max()) / apix) + 2)
-    j0 = (torch.floor(xy / apix + D // 2 + 0.5) - W // 2).clamp_(0, D - W).long()  # (b, N, 2)
+    ``W + 1`` edges in Å ``(b, N, 2, W + 1)`` (:func:`window_pixels`, :func:`window_start`)."""
+    W = window_pixels(float(sigma.max()), D, apix)
+    j0 = window_start(xy, W, D, apix)  # (b, N, 2)
     k = torch.arange(W + 1, device=xy.device, dtype=xy.dtype)
     edges = (j0[..., None].to(xy.dtype) + k - D // 2 - 0.5) * apix  # (b, N, 2, W+1) Å
     return j0, edges
