@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from cryobench_lab.config import register_configs
 from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.models.components import gaussian_render
 from cryobench_lab.models.components.gaussian_render import render_gaussians
 from cryobench_lab.models.components.parts import (
     allocate,
@@ -101,7 +102,10 @@ def trained(data, tmp_path_factory) -> dict:
     return {"model": model, "fit0": fit0, "loss1": loss1, "loss2": loss2, "ckpt": ckpt}
 
 
-def test_renderer_matches_project_gaussians_and_its_gradients():
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_renderer_matches_project_gaussians_and_its_gradients(chunk, monkeypatch):
+    if chunk:  # images rendered 2 at a time: the last chunk is partial
+        monkeypatch.setattr(gaussian_render, "_FACTOR_ELEMENTS", chunk * 30 * 2 * 40)
     g = torch.Generator().manual_seed(0)
     c = (torch.randn(3, 30, 3, generator=g) * 8).double().requires_grad_()
     s = (torch.rand(30, generator=g) * 2 + 1).double().requires_grad_()
