@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cryobench_lab.errors import InputError
-from cryobench_lab.models.components.gaussian_render import window_pixels, window_start
+from cryobench_lab.models.components.gaussian_render import window_offsets, window_pixels, window_start
 from cryobench_lab.io.structures import Structure, read_structure
 from cryobench_lab.physics.rotations import quaternion_to_matrix
 
@@ -139,43 +139,36 @@ class _SeparableProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xy, weight, inv, D, apix):
+    def forward(ctx, xy, weight, sigma, D, apix):
         # xy (B, 2, N) Å (axis-major: each axis' factors are contiguous matrices for the matmuls);
-        # weight (N,); inv = 1/(√2 σ)
-        W = window_pixels(1.0 / (math.sqrt(2.0) * inv), D, apix)
+        # weight (N,); sigma: the one σ (Å)
+        W = window_pixels(sigma, D, apix)
         j0 = window_start(xy, W, D, apix)  # (B, 2, N)
-        cdf = _window_offsets(xy, j0, W, inv, D, apix).erf_()  # (B, 2, N, W+1)
+        cdf = window_offsets(xy, sigma, j0, W, D, apix).erf_()  # (B, 2, N, W+1)
         f = torch.sub(cdf[..., 1:], cdf[..., :-1])  # (B, 2, N, W) unscaled window pixel factors
         f[:, 1].mul_(weight[:, None])  # the y-factors carry each Gaussian's weight
         m = xy.new_zeros((*xy.shape, D))  # (B, 2, N, D), zero outside the windows
         m.scatter_(-1, j0[..., None] + torch.arange(W, device=xy.device), f)
         img = torch.bmm(m[:, 1].transpose(1, 2), m[:, 0])  # (B, D_y, D_x)
         ctx.save_for_backward(xy, weight, j0, m)
-        ctx.inv, ctx.D, ctx.apix, ctx.W = inv, D, apix, W
+        ctx.sigma, ctx.D, ctx.apix, ctx.W = sigma, D, apix, W
         return img
 
     @staticmethod
     def backward(ctx, grad_img):
         xy, weight, j0, m = ctx.saved_tensors
-        inv, D, apix, W = ctx.inv, ctx.D, ctx.apix, ctx.W
+        sigma, D, apix, W = ctx.sigma, ctx.D, ctx.apix, ctx.W
         grad_img = grad_img.contiguous()
         g = torch.stack([torch.bmm(m[:, 1], grad_img),  # Σ_i w fy_i G_ij → d/d fx (B, N, D_x)
                          torch.bmm(m[:, 0], grad_img.transpose(1, 2))], 1)  # Σ_j fx_j G_ij → d/d(w fy) (B, N, D_y)
         g = g.gather(-1, j0[..., None] + torch.arange(W, device=xy.device))  # (B, 2, N, W)
         # exp(−u²), u² clamped at 80 (exp(−80) ≈ 2e-35): beyond it float32 results are denormal, which
         # the CPU computes ~100× slower, for values that do not matter
-        e = _window_offsets(xy, j0, W, inv, D, apix).square_().clamp_(max=80.0).neg_().exp_()  # (B, 2, N, W+1)
+        e = window_offsets(xy, sigma, j0, W, D, apix).square_().clamp_(max=80.0).neg_().exp_()  # (B, 2, N, W+1)
         g.mul_(torch.sub(e[..., :-1], e[..., 1:]))
-        grad_xy = g.sum(-1).mul_(2.0 / math.sqrt(math.pi) * inv)  # (B, 2, N)
+        grad_xy = g.sum(-1).mul_(2.0 / (math.sqrt(2.0 * math.pi) * sigma))  # (B, 2, N)
         grad_xy[:, 1].mul_(weight)
         return grad_xy, None, None, None, None
-
-
-def _window_offsets(xy: torch.Tensor, j0: torch.Tensor, W: int, inv: float, D: int, apix: float) -> torch.Tensor:
-    """``u = (e − x) / (√2 σ)`` on the ``W + 1`` pixel edges of each window → ``(..., W + 1)``; ``xy`` Å and
-    the first pixels ``j0`` have the same shape, ``inv = 1/(√2 σ)``."""
-    first = (j0.to(xy.dtype) - (D // 2 + 0.5)).mul_(apix * inv).sub_(xy * inv)  # u at each window's first edge
-    return first[..., None] + torch.arange(W + 1, device=xy.device, dtype=xy.dtype) * (apix * inv)
 
 
 def project_residues(
@@ -198,8 +191,7 @@ def project_residues(
     xy = torch.einsum("bnj,bij->bin", centers, rot[:, :2])  # (B, 2, N) Å
     if shifts is not None:
         xy = xy + shifts[:, :, None] * apix
-    inv = 1.0 / (math.sqrt(2.0) * sigma)
     # pixel mean = σ√(π/2)/apix · erf difference per axis; × σ√(2π) for the z-integral of each peak
     scale = (sigma * math.sqrt(math.pi / 2.0) / apix) ** 2 * sigma * math.sqrt(2.0 * math.pi)
     weight = (amplitudes * scale).to(xy.dtype)  # (N,)
-    return _SeparableProjection.apply(xy.contiguous(), weight, inv, D, float(apix))
+    return _SeparableProjection.apply(xy.contiguous(), weight, float(sigma), D, float(apix))

@@ -45,11 +45,14 @@ def window_start(x: torch.Tensor, W: int, D: int, apix: float) -> torch.Tensor:
     return (torch.floor(x / apix + D // 2 + 0.5) - W // 2).clamp_(0, D - W).long()
 
 
-def _window_offsets(xy: torch.Tensor, sigma: torch.Tensor, j0: torch.Tensor, W: int, D: int, apix: float) -> torch.Tensor:
-    """``u = (e − x) / (√2 σ)`` on the ``W + 1`` edges of each Gaussian's window → ``(2, b, N, W + 1)``, for
-    centres ``xy (2, b, N)`` Å, σ ``(N,)`` Å and first pixels ``j0 (2, b, N)``."""
-    inv = (1.0 / (math.sqrt(2.0) * sigma))[:, None]  # (N, 1)
-    first = (j0.to(xy.dtype) - (D // 2 + 0.5)).mul_(apix).sub_(xy)[..., None]  # (2, b, N, 1) Å
+def window_offsets(xy: torch.Tensor, sigma: torch.Tensor | float, j0: torch.Tensor, W: int, D: int, apix: float) -> torch.Tensor:
+    """``u = (e − x) / (√2 σ)`` on the ``W + 1`` edges of each Gaussian's window → ``(..., N, W + 1)``, for
+    centres ``xy (..., N)`` Å along one axis, σ ``(N,)`` Å or one σ for all, and first pixels ``j0`` shaped
+    like ``xy``."""
+    inv = 1.0 / (math.sqrt(2.0) * sigma)
+    if torch.is_tensor(inv):
+        inv = inv[:, None]  # (N, 1)
+    first = (j0.to(xy.dtype) - (D // 2 + 0.5)).mul_(apix).sub_(xy)[..., None]  # (..., N, 1) Å
     return (first + torch.arange(W + 1, device=xy.device, dtype=xy.dtype) * apix).mul_(inv)
 
 
@@ -84,7 +87,7 @@ class _GatedProjection(torch.autograd.Function):
         img = xy.new_empty((B, D, D))
         for s in range(0, B, chunk):
             sl = slice(s, s + chunk)
-            cdf = _window_offsets(xy[:, sl], sigma, j0[:, sl], W, D, apix).erf_()  # (2, b, N, W+1)
+            cdf = window_offsets(xy[:, sl], sigma, j0[:, sl], W, D, apix).erf_()  # (2, b, N, W+1)
             m = torch.sub(cdf[..., 1:], cdf[..., :-1]).mul_(scale)  # (2, b, N, W)
             means[:, sl] = m
             f = _dense_factors(buffer[:, : m.shape[1]], j0[:, sl], m, weight[sl])  # (2, b, N, D)
@@ -117,7 +120,7 @@ class _GatedProjection(torch.autograd.Function):
             g_m = g[:, :b].gather(-1, j0[:, sl, :, None] + cols)  # (2, b, N, W) on the windows
             grad_weight[sl] = (g_m[1] * m[1]).sum(-1)
             g_m[1].mul_(weight[sl, :, None])
-            u = _window_offsets(xy[:, sl], sigma, j0[:, sl], W, D, apix)  # (2, b, N, W+1)
+            u = window_offsets(xy[:, sl], sigma, j0[:, sl], W, D, apix)  # (2, b, N, W+1)
             e = torch.exp(-(u * u))
             grad_xy[:, sl] = (g_m * torch.sub(e[..., :-1], e[..., 1:])).sum(-1).div_(apix)  # exp(−u_lo²) − exp(−u_hi²)
             ue = e.mul_(u)
