@@ -157,7 +157,7 @@ class PartGMM(ReconstructionModule):
         n_coarse, n_fine: Gaussians in stages 1 and 2.
         part_space: what part discovery clusters: ``response`` (stage 1's predicted shifts and gates of each
             Gaussian over training latents) or ``features`` (the features themselves, as in the paper).
-        n_parts: parts (None: a count in 2..max_parts by the one-standard-error rule on the Calinski–Harabasz index); n_anchors: anchors in total.
+        n_parts: parts (None: a count in 2..max_parts by :func:`~cryobench_lab.models.components.parts.choose_k`); n_anchors: anchors in total.
         hidden_dim, n_layers: the per-Gaussian MLPs (stage 1, MLP_G); anchor_hidden, anchor_layers: MLP_A.
         latent_prior: λ_z; feature_reg: λ_f; noise_sigma: σ of the data term (unit-std image units).
         stage1_epochs, stage2_epochs: epochs of stages 1 and 2 (stage 0 is one pass).
