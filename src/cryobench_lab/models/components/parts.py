@@ -65,7 +65,7 @@ def calinski_harabasz(x: np.ndarray, labels: np.ndarray) -> float:
 
 
 # How close to the best Calinski–Harabasz index a smaller count must be, in paired bootstrap standard errors
-# of the difference, to be preferred (BENCHMARKS.md, issue 6, session 8): on the 12 stage-1 checkpoints
+# of the difference, to be preferred (BENCHMARKS.md, issue 6, session 8): on the 18 stage-1 checkpoints
 # measured, splits that merely halve a part scored within 0.19–0.24 SE of the best, and merges of parts that
 # move or appear apart were 0.71 SE or more worse. The customary one-SE rule (1.0) merged two assembly parts.
 SE_TOLERANCE = 0.5
