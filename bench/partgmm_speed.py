@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cryobench_lab.data.particles import DatasetInfo
-from cryobench_lab.models.components.gaussian_render import _WINDOW_SIGMAS, render_gaussians
+from cryobench_lab.models.components.gaussian_render import render_gaussians, window_pixels
 from cryobench_lab.models.partgmm import PartGMM
 from cryobench_lab.physics.rotations import random_rotations
 
@@ -62,7 +62,7 @@ def main() -> None:
     centers = model.fine.centers.detach().expand(B, N, 3)
     sigma, amp = model.fine.sigma.detach(), torch.ones(B, N)
     render = _best(lambda: render_gaussians(centers, sigma, amp, batch["rot"], D, apix), args.steps)
-    W = min(D, 2 * math.ceil(_WINDOW_SIGMAS * float(sigma.max()) / apix) + 2)
+    W = window_pixels(float(sigma.max()), D, apix)
     flops = 2 * B * N * D * D + 10 * 2 * B * N * (W + 1)
     model.step(batch, 2)
     train = float(np.median([_best(lambda: model.step(batch, 2), 1) for _ in range(args.steps)]))

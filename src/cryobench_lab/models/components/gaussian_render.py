@@ -8,7 +8,7 @@ Same image as :func:`cryobench_lab.physics.gaussians.project_gaussians` (pixel-i
 - ONE ``erf`` per pixel edge (project_gaussians keeps the far-tail digits with six erf/erfc branches,
   which a training loss does not need);
 - a window per Gaussian: pixel factors are evaluated only within ±5σ of the centre (tails below 6e-7 of
-  the peak are dropped) and scattered into the dense ``(B, N, D)`` factors of the batched matmul;
+  the peak are dropped) and scattered into the dense ``(b, N, D)`` factors of the batched matmul;
   elementwise passes over the ``(2, B, N, D + 1)`` edge tensor, not the matmul, dominate at D = 64
   (profiled), and the window cuts them by ``D / W``; images are rendered a few at a time so that each
   chunk's dense factors stay in cache;
