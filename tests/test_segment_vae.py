@@ -17,10 +17,10 @@ from cryobench_lab.models.components.atoms import (
     quaternion_vector_to_matrix,
 )
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation, block_labels
-from cryobench_lab.models.segment_vae import SegmentVAE, write_trace_models
+from cryobench_lab.models.segment_vae import SegmentVAE, write_models
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
-from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
+from cryobench_lab.physics.gaussians import atom_amplitudes, band_limited_sigma, project_gaussians, voxelize_gaussians
 from cryobench_lab.physics.lattice import freq_grid_2d
 from cryobench_lab.physics.rotations import random_rotations
 from cryobench_lab.run import build_model
@@ -28,6 +28,7 @@ from cryobench_lab.run import build_model
 ADK = Path(__file__).resolve().parents[1] / "src" / "cryobench_lab" / "structures" / "adk" / "adk_closed.pdb.gz"
 CONF = Path(__file__).resolve().parents[1] / "conf"
 D, APIX = 32, 2.5
+EXACT = "donot_use_mm_for_euclid_dist"  # cdist without the |x|² + |y|² − 2xy shortcut (float32 cancellation)
 
 
 def _info(n: int = 64) -> DatasetInfo:
@@ -157,29 +158,74 @@ def test_training_lowers_the_loss(mode):
 
 
 def test_decode_and_structure_contract(model):
-    z = torch.zeros(2, 8)
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
     coords = model.structure(z)
     assert coords.shape == (2, model.coords0.shape[0], 3)
-    vols = model.decode(z, None)
+    residues = SegmentVAE(_info(), n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1,
+                          decoder_layers=2, volume="residues")
+    residues.load_state_dict(model.state_dict())
+    vols = residues.decode(z, None)
     assert vols.shape == (2, D, D, D)
-    ref = voxelize_gaussians(coords[0], model.sigmas, model.amplitudes, D, APIX)
-    torch.testing.assert_close(vols[0], ref)
+    torch.testing.assert_close(vols[0], voxelize_gaussians(coords[0], model.sigmas, model.amplitudes, D, APIX))
+    atoms = model.structure(z, atoms=True)  # (2, n_atoms, 3)
+    sigma = band_limited_sigma(APIX)
+    ref = voxelize_gaussians(atoms[1], torch.full_like(model.atom_numbers, sigma), atom_amplitudes(model.atom_numbers, sigma), D, APIX)
+    torch.testing.assert_close(model.decode(z, None)[1], ref)
     emb = model.embed(_two_conformation_batch(model, B=3))
     assert emb["latent"].shape == (3, 8) and emb["class_probs"] is None
 
 
-def test_trace_models_written_with_segments(model, tmp_path):
+@pytest.mark.parametrize("mode", ["learned", "per_residue"])
+def test_atoms_move_rigidly_with_their_residues(mode):
+    m = SegmentVAE(_info(), mode=mode, n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1, decoder_layers=2)
+    with torch.no_grad():  # large motions, so that a wrong residue or frame per atom shows
+        m.decoder[-1].weight.mul_(20.0)
+        m.decoder[-1].bias.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    atoms, residues = m.structure(z, atoms=True), m.structure(z)
+    # the representative atoms (Cα) land exactly on the residue coordinates
+    torch.testing.assert_close(atoms[:, torch.from_numpy(m.base.structure.residue_atom_index)], residues, atol=1e-4, rtol=0)
+    assert (residues - (m.coords0 + m.offset)).norm(dim=-1).median() > 2.0
+    # within a segment (per_residue: within a residue), interatomic distances are those of the base
+    if mode == "per_residue":
+        group, sharp = m.atom_residue, torch.ones(len(m.atom_residue), dtype=torch.bool)
+    else:  # residues with one dominant segment (boundary residues blend two transforms)
+        w = m.segmentation(False)[m.atom_residue]  # (n_atoms, K)
+        group, sharp = w.argmax(1), w.max(1).values > 1 - 1e-6
+    same = (group[:, None] == group[None, :]) & sharp[:, None] & sharp[None, :]
+    assert same.sum() > 4 * len(group)  # not just each atom with itself
+    base = torch.cdist(m.atom_coords0, m.atom_coords0, compute_mode=EXACT)[same]
+    for frame in atoms:
+        torch.testing.assert_close(torch.cdist(frame, frame, compute_mode=EXACT)[same], base, atol=2e-3, rtol=0)
+
+
+def test_identity_transforms_give_the_simulators_volume_of_the_base():
+    from cryobench_lab.data.simulate import blur_sigma, read_states, render_volume
+
+    m = SegmentVAE(_info(), n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1, decoder_layers=2)
+    with torch.no_grad():
+        m.decoder[-1].weight.zero_()
+        m.decoder[-1].bias.zero_()  # quaternion vector part 0, translation 0: every segment stays put
+    truth = render_volume(read_states(ADK, frame="t")[0], np.zeros(3), D, APIX, blur_sigma(APIX))
+    vol = m.decode(torch.zeros(1, 8), None)[0]
+    assert float((vol - truth).abs().max()) < 1e-4 * float(truth.max())
+
+
+def test_models_written_with_every_atom_and_its_segment(model, tmp_path):
     import gemmi
 
-    coords = model.structure(torch.zeros(3, 8)).numpy()
-    labels = model.segment_labels().astype(float)
-    write_trace_models(tmp_path / "t.pdb", model.base.structure, coords, labels)
+    coords = model.structure(torch.randn(3, 8, generator=torch.Generator().manual_seed(3)), atoms=True).numpy()
+    labels = model.segment_labels()[model.base.atom_residue].astype(float)
+    write_models(tmp_path / "t.pdb", model.base.structure.gemmi_structure, coords, labels)
     st = gemmi.read_structure(str(tmp_path / "t.pdb"))
     assert len(st) == 3
-    atoms = [a for ch in st[0] for r in ch for a in r]
-    assert len(atoms) == coords.shape[1]
-    np.testing.assert_allclose([a.b_iso for a in atoms], labels, atol=0.01)
-    np.testing.assert_allclose([a.pos.tolist() for a in atoms], coords[0], atol=1e-3)
+    for m in range(3):
+        atoms = [a for ch in st[m] for r in ch for a in r]
+        assert len(atoms) == coords.shape[1]
+        np.testing.assert_allclose([a.b_iso for a in atoms], labels, atol=0.01)
+        np.testing.assert_allclose([a.pos.tolist() for a in atoms], coords[m], atol=1e-3)
+    names = [(r.name, a.name) for ch in st[0] for r in ch for a in r]
+    assert names == [(r.name, a.name) for ch in model.base.structure.gemmi_structure[0] for r in ch for a in r]
 
 
 @pytest.mark.parametrize("name,mode", [("segvae", "learned"), ("segvae_fixedseg", "fixed"),

@@ -70,7 +70,13 @@ from cryobench_lab.io.star import write_particle_star
 from cryobench_lab.io.structures import read_models, read_structure
 from cryobench_lab.physics.ctf import ctf_image
 from cryobench_lab.physics.fft import ifft2_center
-from cryobench_lab.physics.gaussians import voxelize_gaussians
+from cryobench_lab.physics.gaussians import (
+    BLUR_SIGMA_PER_APIX,
+    MIN_BLUR_SIGMA,
+    atom_amplitudes,
+    band_limited_sigma,
+    voxelize_gaussians,
+)
 from cryobench_lab.physics.rotations import random_rotations
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import extract_slices, volume_spectrum
@@ -78,8 +84,6 @@ from cryobench_lab.physics.slicing import extract_slices, volume_spectrum
 # Bump when the simulator's output for the same arguments changes (invalidates preset caches).
 SIMULATOR_VERSION = 1
 
-SIGMA_PER_APIX = 0.75  # default blur σ = max(MIN_SIGMA, SIGMA_PER_APIX · apix), see the module docstring
-MIN_SIGMA = 1.0  # Å
 FILL_FRACTION = 0.8  # auto apix: the largest state's diameter is at most this fraction of the box
 SLICE_PAD = 2  # real-space zero padding of the volume before Fourier slicing
 # Permissions a plain mkdir would give (mkdtemp's folder is owner-only); the umask is read once at import.
@@ -321,7 +325,7 @@ def blur_sigma(apix: float, b_factor: float | None = None) -> float:
                 f"b_factor={b_factor}: must be a positive B-factor in Å² (or None for the default)"
             )
         return math.sqrt(b_factor / (8.0 * math.pi**2))
-    return max(MIN_SIGMA, SIGMA_PER_APIX * apix)
+    return band_limited_sigma(apix)
 
 
 def state_gaussians(state: State, origin: np.ndarray, sigma: float, dtype=torch.float64):
@@ -332,7 +336,7 @@ def state_gaussians(state: State, origin: np.ndarray, sigma: float, dtype=torch.
     """
     centers = torch.as_tensor(state.coords - origin, dtype=dtype)
     sigmas = torch.full((len(centers),), sigma, dtype=dtype)
-    amplitudes = torch.as_tensor(state.atomic_numbers, dtype=dtype) / ((2.0 * math.pi) ** 1.5 * sigma**3)
+    amplitudes = atom_amplitudes(torch.as_tensor(state.atomic_numbers, dtype=dtype), sigma)
     return centers, sigmas, amplitudes
 
 
@@ -585,7 +589,7 @@ def simulate_dataset(
                 "b_factor": b_factor if b_factor is not None else 8 * math.pi**2 * sigma**2,
                 "sigma_rule": "sqrt(B/(8 pi^2)) from b_factor"
                 if b_factor is not None
-                else f"max({MIN_SIGMA} Å, {SIGMA_PER_APIX} * apix)",
+                else f"max({MIN_BLUR_SIGMA} Å, {BLUR_SIGMA_PER_APIX} * apix)",
                 "volumes": "voxel-integrated Gaussians (physics.gaussians.voxelize_gaussians), no CTF",
                 "images": f"Fourier slices of the ground-truth volume ({SLICE_PAD}x padding, trilinear, "
                 "sinc^2 gridding correction) x apix, shift, CTF",

@@ -28,8 +28,16 @@ distances from the base's. Clash: mean over non-neighbour residue pairs of ``rel
 Scale: images are normalised to unit std by the data module, and the Gaussians carry electrons. The
 correlation loss is invariant to a global scale, so no scale enters training; the least-squares scale
 ``⟨pred, image⟩ / ⟨pred, pred⟩`` is tracked (running mean, buffer ``image_scale``) and logged, so that
-``image_scale · render(...)`` is on the data's scale. ``decode`` returns the voxelised Gaussians in their
-own units (electrons per Å³ of the residue Gaussians); FSC does not depend on that scale.
+``image_scale · render(...)`` is on the data's scale.
+
+Volumes (``decode``, the evaluation contract). The residue Gaussians are the training representation; the
+method's product is the deformed atomic model. With ``volume=atoms`` (default) every heavy atom of the base
+moves with its residue, by the same blended segment transform ``Σ_k w_ik (R_k x + t_k)`` (or the residue's
+own local-frame transform), and the volume is that model's density at the map's band limit, in e/Å³ (one
+Gaussian per atom holding its electrons, σ = ``physics.gaussians.band_limited_sigma(apix)``; FSC barely
+depends on σ, since a Gaussian blur scales each shell almost uniformly). ``volume=residues`` voxelises
+the residue Gaussians themselves; they lack the side chains and backbone atoms around Cα, which caps their
+FSC against atom-built maps (BENCHMARKS.md, issue 5).
 
 Optimisation: Adam, ``lr`` for the encoder/decoder and ``seg_lr`` for the segmentation. The paper's
 values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; the CPU default
@@ -60,10 +68,11 @@ from cryobench_lab.models.components.atoms import (
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
 from cryobench_lab.physics.ctf import ctf_from_params
-from cryobench_lab.physics.gaussians import voxelize_gaussians
+from cryobench_lab.physics.gaussians import atom_amplitudes, band_limited_sigma, voxelize_gaussians
 from cryobench_lab.physics.shift import shift_images
 
 MODES = ("learned", "fixed", "per_residue")
+VOLUMES = ("atoms", "residues")
 
 
 def _mlp(d_in: int, hidden: int, n_layers: int, d_out: int) -> nn.Sequential:
@@ -114,10 +123,13 @@ class SegmentVAE(ReconstructionModule):
         clash_threshold: float = 4.0,
         epochs: int = 30,
         traversal_steps: int = 10,
+        volume: str = "atoms",
     ):
         super().__init__(info, name)
         if mode not in MODES:
             raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if volume not in VOLUMES:
+            raise ValueError(f"model.volume must be one of {', '.join(VOLUMES)}, got {volume!r}")
         if not info.has_poses:
             raise ValueError("the segment VAE uses known poses: pass data.poses= or a star/cs file with angles")
         path = structure or info.structure
@@ -133,6 +145,10 @@ class SegmentVAE(ReconstructionModule):
         self.register_buffer("amplitudes", torch.from_numpy(self.base.amplitudes))  # (n,)
         self.register_buffer("sigmas", torch.full((n,), float(sigma)))
         self.register_buffer("image_scale", torch.tensor(0.0))
+        # the heavy atoms, moved with their residues for volumes and structures (not used in training)
+        self.register_buffer("atom_coords0", torch.from_numpy(self.base.atom_coords), persistent=False)  # (n_atoms, 3) Å
+        self.register_buffer("atom_residue", torch.from_numpy(self.base.atom_residue), persistent=False)  # (n_atoms,)
+        self.register_buffer("atom_numbers", torch.from_numpy(self.base.atom_numbers), persistent=False)  # (n_atoms,)
         # rfft2 frequencies in 1/Å (rows ky in FFT order, then one extra row at ky = +D/2; columns kx ≥ 0)
         # (integer indices / (D·apix), the same float operations as physics.lattice.freq_grid_2d)
         ky = torch.cat([torch.fft.fftfreq(self.D, d=1 / self.D).round(), torch.tensor([self.D / 2])])  # (D+1,)
@@ -183,13 +199,16 @@ class SegmentVAE(ReconstructionModule):
         out = self.decoder(z).reshape(z.shape[0], self.n_transforms, 6)
         return quaternion_vector_to_matrix(out[..., :3]), out[..., 3:]
 
-    def deform(self, z: torch.Tensor, sample_segmentation: bool = False) -> torch.Tensor:
-        """Residue coordinates for latents z (B, d) → (B, n_res, 3) Å about the base's centre."""
+    def deform(self, z: torch.Tensor, sample_segmentation: bool = False, atoms: bool = False) -> torch.Tensor:
+        """Residue coordinates for latents z (B, d) → (B, n_res, 3) Å about the base's centre; with ``atoms``
+        the heavy atoms instead, (B, n_atoms, 3), each moved by its residue's transform."""
         rot, trans = self.transforms(z)
+        points = self.atom_coords0 if atoms else self.coords0
+        residue = self.atom_residue if atoms else slice(None)
         if self.mode == "per_residue":
-            return move_per_residue(self.coords0, self.frame_origins, self.frame_axes, rot, trans)
+            return move_per_residue(points, self.frame_origins[residue], self.frame_axes[residue], rot[:, residue], trans[:, residue])
         weights = self.segmentation(sample_segmentation)  # (n, K)
-        return move_by_segments(self.coords0, weights, rot, trans)
+        return move_by_segments(points, weights[residue], rot, trans)
 
     def render(self, coords: torch.Tensor, batch: dict) -> torch.Tensor:
         """Images of residue coordinates (B, n, 3) Å (about the centre) in each image's pose, shift and CTF
@@ -286,20 +305,31 @@ class SegmentVAE(ReconstructionModule):
         return {"latent": mu, "class_probs": None}
 
     @torch.no_grad()
-    def structure(self, latent: torch.Tensor | None) -> torch.Tensor:
+    def structure(self, latent: torch.Tensor | None, atoms: bool = False) -> torch.Tensor:
         """Residue (Cα/C1′) coordinates for latents (M, d) → (M, n_res, 3) Å in the box frame (box centre 0),
-        residues in the base file's order; None: the latent prior's mean (one structure)."""
+        residues in the base file's order; None: the latent prior's mean (one structure). With ``atoms``:
+        the heavy atoms, (M, n_atoms, 3), in the base file's order."""
         if latent is None:
             latent = torch.zeros(1, self.hparams.latent_dim)
-        out = [self.deform(z.to(self.coords0.device)) + self.offset for z in latent.split(256)]
+        chunk = max(1, (1 << 22) // (9 * len(self.atom_coords0))) if atoms else 256  # bounds per-atom rotations
+        out = [self.deform(z.to(self.coords0.device), atoms=atoms) + self.offset for z in latent.split(chunk)]
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor | None, classes: torch.Tensor | None) -> torch.Tensor:
+        """Volumes (M, D, D, D) of the structures at latents (M, d); ``volume=atoms``: the density (e/Å³) of
+        the moved heavy atoms at the map's band limit (physics.gaussians.band_limited_sigma); ``residues``:
+        the residue Gaussians that are trained (σ = ``sigma``, amplitudes in electrons)."""
         if latent is None:
             latent = torch.zeros(1 if classes is None else len(classes), self.hparams.latent_dim)
-        coords = self.structure(latent)  # (M, n, 3)
-        return torch.stack([voxelize_gaussians(c, self.sigmas, self.amplitudes, self.D, self.apix) for c in coords])
+        if self.hparams.volume == "residues":
+            return torch.stack([voxelize_gaussians(c, self.sigmas, self.amplitudes, self.D, self.apix) for c in self.structure(latent)])
+        sigma = band_limited_sigma(self.apix)
+        sigmas = torch.full_like(self.atom_numbers, sigma)
+        amplitudes = atom_amplitudes(self.atom_numbers, sigma)
+        return torch.stack([
+            voxelize_gaussians(self.structure(z[None], atoms=True)[0], sigmas, amplitudes, self.D, self.apix) for z in latent
+        ])
 
     def segment_labels(self) -> np.ndarray | None:
         """Segment of each residue (posterior means), (n_res,) int64; None for per_residue (no segments)."""
@@ -311,9 +341,10 @@ class SegmentVAE(ReconstructionModule):
     # ---- outputs ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def write_outputs(self, out_dir: Path, datamodule, n_images: int = 10) -> dict:
-        """Multi-model Cα traces (segment in the B-factor column): ``images.pdb`` for the first ``n_images``
-        particles, ``traversal.pdb`` along the first principal axis of the latents, ``segmentation.pdb``
-        (the base); ``z.npy`` latents. Returns what it wrote."""
+        """Multi-model atomic structures, every atom moved with its residue and its residue's segment in the
+        B-factor column (ChimeraX: ``coordset #1`` plays them, ``color bfactor`` colours by segment):
+        ``images.pdb`` for the first ``n_images`` particles, ``traversal.pdb`` along the first principal
+        axis of the latents, ``segmentation.pdb`` (the base); ``z.npy`` latents. Returns what it wrote."""
         was_training = self.training
         self.eval()
         out_dir = Path(out_dir)
@@ -324,61 +355,36 @@ class SegmentVAE(ReconstructionModule):
             np.save(tmp, z.numpy())
         segments = self.segment_labels()
         labels = (segments if segments is not None else np.arange(self.base.n_residues)).astype(float)
-        write_trace_models(out_dir / "segmentation.pdb", self.base.structure, (self.coords0 + self.offset)[None].cpu().numpy(), labels)
-        write_trace_models(out_dir / "images.pdb", self.base.structure, self.structure(z[:n_images]).cpu().numpy(), labels)
+        labels = labels[self.base.atom_residue]  # (n_atoms,)
+        st = self.base.structure.gemmi_structure
+        write_models(out_dir / "segmentation.pdb", st, (self.atom_coords0 + self.offset)[None].cpu().numpy(), labels)
+        write_models(out_dir / "images.pdb", st, self.structure(z[:n_images], atoms=True).cpu().numpy(), labels)
         zc = z - z.mean(0)
         axis = torch.linalg.svd(zc, full_matrices=False).Vh[0]  # (d,)
         scores = zc @ axis
         lo, hi = torch.quantile(scores, torch.tensor([0.05, 0.95]))
         steps = torch.linspace(float(lo), float(hi), max(2, self.hparams.traversal_steps))
         traversal = z.mean(0) + steps[:, None] * axis
-        write_trace_models(out_dir / "traversal.pdb", self.base.structure, self.structure(traversal).cpu().numpy(), labels)
+        write_models(out_dir / "traversal.pdb", st, self.structure(traversal, atoms=True).cpu().numpy(), labels)
         written = {"dir": str(out_dir), "files": ["segmentation.pdb", "images.pdb", "traversal.pdb", "z.npy"]}
         if was_training:
             self.train()
         return written
 
 
-def write_trace_models(path: Path, structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
-    """Cα/C1′ traces of ``structure`` as a multi-model PDB (ChimeraX plays it with ``coordset``).
-
-    coords (M, n_res, 3) Å; bfactors (n_res,) written into every model's B-factor column (e.g. segment).
-    """
-    st = _trace_structure(structure)
+def write_models(path: Path, structure: gemmi.Structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
+    """``structure`` (one model) with its atoms at ``coords (M, n_atoms, 3)`` Å, as an M-model PDB, and
+    ``bfactors (n_atoms,)`` in every model's B-factor column (e.g. the segment of each atom's residue).
+    Atoms in the structure's order; written atomically."""
     out = gemmi.Structure()
-    out.cell, out.spacegroup_hm = st.cell, st.spacegroup_hm
+    out.cell, out.spacegroup_hm = structure.cell, structure.spacegroup_hm
     for m, xyz in enumerate(coords):
-        model = st[0].clone()
+        model = structure[0].clone()
         model.num = m + 1
-        r = 0
-        for chain in model:
-            for res in chain:
-                for atom in res:
-                    atom.pos = gemmi.Position(*map(float, xyz[r]))
-                    atom.b_iso = float(bfactors[r])
-                    r += 1
+        for row, atom in enumerate(a for chain in model for res in chain for a in res):
+            atom.pos = gemmi.Position(*map(float, xyz[row]))
+            atom.b_iso = float(bfactors[row])
         out.add_model(model)
     out.setup_entities()
-    out.write_pdb(str(path))
-
-
-def _trace_structure(structure) -> gemmi.Structure:
-    """A copy of ``structure``'s gemmi model holding only the representative atom of each residue."""
-    st = structure.gemmi_structure.clone()
-    keep = set(structure.residue_atom_index.tolist())
-    row = 0
-    for chain in st[0]:
-        for res in chain:
-            size = len(res)
-            for k in reversed(range(size)):
-                if row + k not in keep:
-                    del res[k]
-            row += size
-    for i in reversed(range(len(st[0]))):
-        chain = st[0][i]
-        for j in reversed(range(len(chain))):
-            if len(chain[j]) == 0:
-                del chain[j]
-        if len(chain) == 0:
-            del st[0][i]
-    return st
+    with atomic_path(path) as tmp:
+        out.write_pdb(str(tmp))

@@ -17,6 +17,25 @@ import torch
 
 from cryobench_lab.physics.lattice import centered_axis
 
+# An atom's blur when a map is drawn from an atomic model at a given sampling: σ = max(MIN_BLUR_SIGMA,
+# BLUR_SIGMA_PER_APIX·apix). A Gaussian's Fourier amplitude exp(−2π²σ²s²) is then ≤ 6 % at Nyquist, so the
+# map is band-limited just below Nyquist and its voxel, pixel and Fourier-slice renderings agree (measured
+# in data/simulate.py's docstring); the 1 Å floor stands for atomic form factors and thermal motion.
+BLUR_SIGMA_PER_APIX = 0.75
+MIN_BLUR_SIGMA = 1.0  # Å
+
+
+def band_limited_sigma(apix: float) -> float:
+    """Atom blur σ (Å) for a map sampled at ``apix`` Å/px: ``max(1 Å, 0.75·apix)`` (see above)."""
+    return max(MIN_BLUR_SIGMA, BLUR_SIGMA_PER_APIX * apix)
+
+
+def atom_amplitudes(atomic_numbers: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Peak densities (e/Å³) of one isotropic Gaussian of std ``sigma`` Å per atom, each integrating to the
+    atom's electron count Z: ``Z / ((2π)^{3/2} σ³)``."""
+    return atomic_numbers / ((2.0 * math.pi) ** 1.5 * sigma**3)
+
+
 # Elements per (B, n, D) factor chunk; bounds memory for large mixtures (e.g. 8192 Gaussians at D=128).
 _FACTOR_ELEMENTS = 1 << 22
 

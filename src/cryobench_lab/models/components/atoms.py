@@ -33,7 +33,11 @@ class ResidueGaussians:
 
     ``coords (n_res, 3)`` Å relative to ``origin``; ``amplitudes (n_res,)`` electrons; ``offset (3,)`` Å
     added when rendering (box frame); ``chain_ids (n_res,)``; ``structure`` the parsed file (for writing
-    deformed models).
+    deformed models). Its atoms (without hydrogens and waters), to move with their residues, in the
+    file's order: ``atom_coords (n_atoms, 3)`` Å relative to ``origin``, ``atom_numbers (n_atoms,)`` and
+    ``atom_residue (n_atoms,)``, the residue each atom moves with (its own; an atom outside every residue,
+    e.g. a ligand's or one of a residue without Cα/C1′, moves with the residue whose representative atom is
+    nearest).
     """
 
     coords: np.ndarray
@@ -42,6 +46,9 @@ class ResidueGaussians:
     offset: np.ndarray
     chain_ids: np.ndarray
     structure: Structure
+    atom_coords: np.ndarray
+    atom_numbers: np.ndarray
+    atom_residue: np.ndarray
 
     @property
     def n_residues(self) -> int:
@@ -50,14 +57,21 @@ class ResidueGaussians:
 
 def residue_gaussians(path: str | os.PathLike, center: bool = False) -> ResidueGaussians:
     """Read ``path`` (PDB/mmCIF) as one Gaussian per residue; see the module docstring for ``center``."""
-    st = read_structure(path)
+    st = read_structure(path, keep_ligands=True)  # ligands move with their nearest residue
     if st.n_residues < 2:
         raise InputError(f"{path}: {st.n_residues} residue(s) with a CA or C1' atom; the segment VAE needs a polymer model")
     amps = st.residue_electrons.astype(np.float32)
     origin = (st.residue_coords * amps[:, None]).sum(0) / amps.sum()
     coords = (st.residue_coords - origin).astype(np.float32)
     offset = np.zeros(3, np.float32) if center else origin.astype(np.float32)
-    return ResidueGaussians(coords, amps, origin.astype(np.float32), offset, st.residue_chain_ids, st)
+    atom_coords = (st.atom_coords - origin).astype(np.float32)
+    atom_residue = st.atom_residue_index.copy()
+    orphan = np.flatnonzero(atom_residue < 0)
+    for s in range(0, len(orphan), 4096):  # (chunk, n_res) distances, bounded for large complexes
+        rows = orphan[s : s + 4096]
+        atom_residue[rows] = ((atom_coords[rows, None, :] - coords[None]) ** 2).sum(-1).argmin(1)
+    return ResidueGaussians(coords, amps, origin.astype(np.float32), offset, st.residue_chain_ids, st,
+                            atom_coords, st.atom_numbers.astype(np.float32), atom_residue)
 
 
 def quaternion_vector_to_matrix(v: torch.Tensor) -> torch.Tensor:
