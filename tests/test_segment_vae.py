@@ -199,10 +199,11 @@ def test_atoms_move_rigidly_with_their_residues(mode):
         torch.testing.assert_close(torch.cdist(frame, frame, compute_mode=EXACT)[same], base, atol=2e-3, rtol=0)
 
 
-def test_identity_transforms_give_the_simulators_volume_of_the_base():
+@pytest.mark.parametrize("mode", ["learned", "per_residue"])
+def test_identity_transforms_give_the_simulators_volume_of_the_base(mode):
     from cryobench_lab.data.simulate import blur_sigma, read_states, render_volume
 
-    m = SegmentVAE(_info(), n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1, decoder_layers=2)
+    m = SegmentVAE(_info(), mode=mode, n_segments=6, encoder_hidden=64, decoder_hidden=64, encoder_layers=1, decoder_layers=2)
     with torch.no_grad():
         m.decoder[-1].weight.zero_()
         m.decoder[-1].bias.zero_()  # quaternion vector part 0, translation 0: every segment stays put

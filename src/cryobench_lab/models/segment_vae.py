@@ -201,14 +201,26 @@ class SegmentVAE(ReconstructionModule):
 
     def deform(self, z: torch.Tensor, sample_segmentation: bool = False, atoms: bool = False) -> torch.Tensor:
         """Residue coordinates for latents z (B, d) → (B, n_res, 3) Å about the base's centre; with ``atoms``
-        the heavy atoms instead, (B, n_atoms, 3), each moved by its residue's transform."""
+        the atoms instead, (B, n_atoms, 3): with segments, each atom moves by its residue's blended segment
+        transform; per residue, each atom keeps its offset from its Cα in the residue's local frame, rebuilt on
+        the moved Cα trace (a residue's own rotation is not seen by its isotropic Gaussian, so applying it to the
+        atoms would scatter side chains at random)."""
         rot, trans = self.transforms(z)
-        points = self.atom_coords0 if atoms else self.coords0
-        residue = self.atom_residue if atoms else slice(None)
         if self.mode == "per_residue":
-            return move_per_residue(points, self.frame_origins[residue], self.frame_axes[residue], rot[:, residue], trans[:, residue])
+            moved = move_per_residue(self.coords0, self.frame_origins, self.frame_axes, rot, trans)  # (B, n, 3)
+            if not atoms:
+                return moved
+            r = self.atom_residue
+            local = torch.einsum("aji,aj->ai", self.frame_axes[r], self.atom_coords0 - self.coords0[r])  # (n_atoms, 3)
+            out = []
+            for coords in moved:
+                axes = local_frames(coords, self.base.chain_ids)[1]
+                out.append(coords[r] + torch.einsum("aij,aj->ai", axes[r], local))
+            return torch.stack(out)
         weights = self.segmentation(sample_segmentation)  # (n, K)
-        return move_by_segments(points, weights[residue], rot, trans)
+        if atoms:
+            return move_by_segments(self.atom_coords0, weights[self.atom_residue], rot, trans)
+        return move_by_segments(self.coords0, weights, rot, trans)
 
     def render(self, coords: torch.Tensor, batch: dict) -> torch.Tensor:
         """Images of residue coordinates (B, n, 3) Å (about the centre) in each image's pose, shift and CTF
