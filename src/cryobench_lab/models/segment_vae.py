@@ -323,7 +323,8 @@ class SegmentVAE(ReconstructionModule):
         the heavy atoms, (M, n_atoms, 3), in the base file's order."""
         if latent is None:
             latent = torch.zeros(1, self.hparams.latent_dim)
-        chunk = max(1, (1 << 22) // (9 * len(self.atom_coords0))) if atoms else 256  # bounds per-atom rotations
+        # with atoms, bounds move_by_segments' (chunk, K, n_atoms, 3) moved copies
+        chunk = max(1, (1 << 22) // (3 * self.n_transforms * len(self.atom_coords0))) if atoms else 256
         out = [self.deform(z.to(self.coords0.device), atoms=atoms) + self.offset for z in latent.split(chunk)]
         return torch.cat(out)
 
@@ -339,9 +340,7 @@ class SegmentVAE(ReconstructionModule):
         sigma = band_limited_sigma(self.apix)
         sigmas = torch.full_like(self.atom_numbers, sigma)
         amplitudes = atom_amplitudes(self.atom_numbers, sigma)
-        return torch.stack([
-            voxelize_gaussians(self.structure(z[None], atoms=True)[0], sigmas, amplitudes, self.D, self.apix) for z in latent
-        ])
+        return torch.stack([voxelize_gaussians(c, sigmas, amplitudes, self.D, self.apix) for c in self.structure(latent, atoms=True)])
 
     def segment_labels(self) -> np.ndarray | None:
         """Segment of each residue (posterior means), (n_res,) int64; None for per_residue (no segments)."""
