@@ -232,15 +232,11 @@ def test_frames_shared_or_own():
 
 def test_assembly_states_are_nested_chain_subsets():
     states, names = build_preset("assembly")
-    assert names == [
-        "pdb7pbl_ABC",
-        "pdb7pbl_ABCDE",
-        "pdb7pbl_ABCDEF",
-        "pdb7pbl_ABCDEFUV",
-        "pdb7pbl_ABCDEFUVG",
-    ]
+    chains = "ABCDEFUVG"
+    assert names == [f"pdb7pbl_{chains[:k]}" for k in range(1, 10)]
+    assert [sorted(set(s.chain_ids)) for s in states] == [sorted(chains[:k]) for k in range(1, 10)]
     counts = [len(s.coords) for s in states]
-    assert counts == sorted(counts) and len(set(counts)) == 5
+    assert counts == sorted(counts) and len(set(counts)) == 9
     auto, _ = build_preset("assembly", structures=[str(STRUCTURES_DIR / "pdb3hsy.pdb.gz")], n_states=2)
     assert [sorted(set(s.chain_ids)) for s in auto] == [["A", "B"], ["A", "B", "C"]]  # C: glycans
 

@@ -14,9 +14,12 @@ ATTRIBUTION.md there):
     frame so the domain motion is not re-centred away. ``structures=[...]``: one multi-model file (its
     models are the frames) or several files (one conformation each, already superposed).
 ``assembly`` (compositional, like Ribosembly)
-    Progressively assembled subsets of 7PBL in the full complex's frame: the RuvB ring closing (chains
-    A–C, A–E, A–F), then the Holliday-junction DNA (U, V), then the RuvA fragment (G). The last steps
-    add only 615 and 357 heavy atoms: small compositional differences, as in Ribosembly. With
+    Progressively assembled subsets of 7PBL in the full complex's frame, one chain per step: the RuvB
+    ring subunit by subunit (A, then A–B, ..., A–F), then the Holliday-junction DNA strand by strand
+    (U, V), then the RuvA fragment (G). Every chain enters at its own step, so every chain has its own
+    presence pattern and a part discovery can in principle find each one (chains that appear together
+    and do not move are indistinguishable from the data). The last steps add only ~300 heavy atoms
+    each: small compositional differences, as in Ribosembly. With
     ``structures=[file]`` and no ``chain_sets``, the states are ``n_states`` cumulative prefixes of the
     file's chain list.
 ``ribosplike`` (compositional + conformational, like Hydra's ribosplike)
@@ -87,11 +90,11 @@ PRESETS = {
         "n_particles": 300,
     },
     "assembly": {
-        "description": "progressive assembly of 7PBL (RuvB ring, DNA, RuvA), compositional",
+        "description": "progressive assembly of 7PBL (RuvB ring, DNA, RuvA), one chain per step, compositional",
         "structures": ["pdb7pbl.pdb.gz"],
-        "chain_sets": [list("ABC"), list("ABCDE"), list("ABCDEF"), list("ABCDEFUV"), list("ABCDEFUVG")],
-        "n_states": 5,
-        "n_particles": 600,
+        "chain_sets": [list("ABCDEFUVG")[:k] for k in range(1, 10)],
+        "n_states": 9,
+        "n_particles": 350,
     },
     "ribosplike": {
         "description": "AdK closed→open frames + 3HSY chain-B hinge, compositional + conformational",

@@ -24,7 +24,7 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
   features (``features``). The default ``response`` clusters what the features do instead: each
   Gaussian's shifts and gates predicted by stage 1's network at 256 training latents, as a relative change
   of a Gaussian of the mixture's median width (:func:`~cryobench_lab.models.components.parts.response_profile`), reduced to its first
-  ``latent_dim`` principal components. Gaussians that move and appear together are close there by
+  ``max_parts − 1`` principal components (the span of up to ``max_parts`` part centroids). Gaussians that move and appear together are close there by
   construction; in feature space they need not be (adk: silhouette 0.2 for features vs 0.4 for
   responses, NMP merged into CORE; BENCHMARKS.md, issue 6).
 - Stage 2, part-aware mixture: ``n_fine`` Gaussians, re-seeded and fitted like stage 0, each assigned to
@@ -182,7 +182,7 @@ class PartGMM(ReconstructionModule):
         n_coarse: int = 512,
         n_fine: int = 2048,
         n_parts: int | None = None,
-        max_parts: int = 8,
+        max_parts: int = 12,
         n_anchors: int = 16,
         hidden_dim: int = 64,
         n_layers: int = 2,
@@ -366,10 +366,12 @@ class PartGMM(ReconstructionModule):
         """Cluster the coarse Gaussians into parts, then by position into anchors; re-seed the fine mixture."""
         h = self.hparams
         feats = self._coarse_features()
-        space = feats.cpu().numpy() if h.part_space == "features" else principal_components(self.coarse_response(), h.latent_dim)
         # every part needs an anchor: at most n_anchors parts
-        found = discover_anchors(space, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors,
-                                 min(h.max_parts, h.n_anchors), h.seed)
+        max_parts = min(h.n_parts or h.max_parts, h.n_anchors)
+        # the centroids of k clusters span k − 1 dimensions: that many principal components keep every
+        # between-part difference of up to max_parts parts and drop the rest as noise
+        space = feats.cpu().numpy() if h.part_space == "features" else principal_components(self.coarse_response(), max_parts - 1)
+        found = discover_anchors(space, self.coarse.centers.cpu().numpy(), h.n_parts, h.n_anchors, max_parts, h.seed)
         K = len(found["anchor_index"])
         idx = torch.from_numpy(found["anchor_index"]).to(self.device)
         self.anchor_centers.zero_()
