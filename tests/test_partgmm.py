@@ -174,6 +174,22 @@ def test_response_profile_finds_parts_that_move_and_appear_together():
     assert len({(a, b) for a, b in zip(labels, truth)}) == 3  # the partition is the truth's
 
 
+def test_parts_that_assemble_one_by_one_are_all_found():
+    """Nine groups that enter one state after another (group j present in states ≥ j, like the assembly
+    preset): nine distinct gate staircases. Their centroids span 8 dimensions; discovery on ``max_parts − 1``
+    components separates all nine (on the first 4 components this noise splits them into 10 parts)."""
+    g = np.random.default_rng(2)
+    n, L, max_parts = np.array([80, 70, 60, 60, 50, 40, 15, 15, 12]), 256, 12
+    truth = np.repeat(np.arange(9), n)
+    state = g.integers(0, 9, L)  # the state of each latent
+    gate = (state[:, None] >= truth[None, :]).astype(float) + g.normal(0, 0.2, (L, n.sum()))
+    shift = g.normal(0, 0.05, (L, n.sum(), 3))  # Å, fitting noise; nothing moves
+    space = principal_components(response_profile(shift, gate, 2.0), max_parts - 1)
+    found = discover_anchors(space, g.normal(size=(n.sum(), 3)), None, 16, max_parts)
+    assert found["n_parts"] == 9
+    assert len({(a, b) for a, b in zip(found["part"], truth)}) == 9  # the partition is the truth's
+
+
 def test_each_stage_lowers_its_loss(trained):
     assert trained["fit0"][-1] < 0.8 * trained["fit0"][0]  # stage 0: 3D fit of the seeded Gaussians
     assert trained["loss1"][-1] < trained["loss1"][0]
