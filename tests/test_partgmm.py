@@ -18,6 +18,7 @@ from cryobench_lab.models.components.parts import (
     calinski_harabasz,
     choose_k,
     discover_anchors,
+    fewest_within_error,
     kmeans_pp,
     principal_components,
     response_profile,
@@ -145,6 +146,17 @@ def test_part_count_is_the_smallest_within_the_resampling_error_of_the_best():
     assert choose_k(x, 6) == 3
     compact = np.concatenate([x[:120], g.normal([3, 6], 0.3, (60, 2)), g.normal([3, -6], 0.3, (60, 2))])
     assert choose_k(compact, 6) == 4
+
+
+def test_part_count_walks_down_from_the_best_without_crossing_a_valley():
+    """Indices of an assembly stage-1 checkpoint (counts 2..8): 2 parts ("early" and "late" chains) score
+    within the error of the best, 7, but 3–5 parts score far worse; the count stops at 6, not at 2."""
+    ks = np.arange(2, 9)
+    ch = np.array([397.1, 371.5, 361.1, 363.6, 393.7, 405.2, 396.2])
+    se = np.array([20.0, 15.0, 14.0, 12.0, 25.0, 0.0, 6.0])
+    assert fewest_within_error(ks, ch, se) == 6
+    assert fewest_within_error(ks, ch, se / 10) == 7  # a significant drop: the best count stays
+    assert fewest_within_error(ks, ch, np.full(7, 100.0)) == 2  # all within the error: the fewest
 
 
 def test_response_profile_finds_parts_that_move_and_appear_together():

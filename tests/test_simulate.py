@@ -232,7 +232,7 @@ def test_frames_shared_or_own():
 
 def test_assembly_states_are_nested_chain_subsets():
     states, names = build_preset("assembly")
-    chains = "UVGABCDEF"
+    chains = "ABCDEUVGF"
     assert names == [f"pdb7pbl_{chains[:k]}" for k in range(1, 10)]
     assert [sorted(set(s.chain_ids)) for s in states] == [sorted(chains[:k]) for k in range(1, 10)]
     counts = [len(s.coords) for s in states]

@@ -14,12 +14,13 @@ ATTRIBUTION.md there):
     frame so the domain motion is not re-centred away. ``structures=[...]``: one multi-model file (its
     models are the frames) or several files (one conformation each, already superposed).
 ``assembly`` (compositional, like Ribosembly)
-    Progressively assembled subsets of 7PBL in the full complex's frame, one chain per step, in the
-    order of the RuvAB pathway: the Holliday-junction DNA strand by strand (U, then U–V), RuvA (G), then
-    the RuvB ring subunit by subunit (A, ..., F). Every chain enters at its own step, so every chain
-    has its own presence pattern and a part discovery can in principle find each one (chains that
-    appear together and do not move are indistinguishable from the data). The first steps differ by
-    only ~300 heavy atoms each: small compositional differences, as in Ribosembly. With
+    Progressively assembled subsets of 7PBL in the full complex's frame, one chain per step: RuvB
+    subunits A–E one by one, the Holliday-junction DNA strand by strand (U, V), the RuvA fragment (G),
+    and last the subunit F that closes the ring. Every chain enters at its own step, so every chain has
+    its own presence pattern and a part discovery can in principle find each one (chains that appear
+    together and do not move are indistinguishable from the data). U, V and G add only ~300 heavy atoms
+    each: small compositional differences, as in Ribosembly. The last step adds a whole subunit, so that
+    even the state nearest the full complex lacks a chain large enough to be seen. With
     ``structures=[file]`` and no ``chain_sets``, the states are ``n_states`` cumulative prefixes of the
     file's chain list.
 ``ribosplike`` (compositional + conformational, like Hydra's ribosplike)
@@ -92,7 +93,7 @@ PRESETS = {
     "assembly": {
         "description": "progressive assembly of 7PBL (RuvB ring, DNA, RuvA), one chain per step, compositional",
         "structures": ["pdb7pbl.pdb.gz"],
-        "chain_sets": [list("UVGABCDEF")[:k] for k in range(1, 10)],
+        "chain_sets": [list("ABCDEUVGF")[:k] for k in range(1, 10)],
         "n_states": 9,
         "n_particles": 350,
     },

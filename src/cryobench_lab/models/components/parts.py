@@ -71,9 +71,22 @@ def calinski_harabasz(x: np.ndarray, labels: np.ndarray) -> float:
 SE_TOLERANCE = 0.5
 
 
+def fewest_within_error(ks: np.ndarray, ch: np.ndarray, paired_se: np.ndarray) -> int:
+    """From the best-scoring count ``ks[argmax ch]``, merge one part at a time while the index of the smaller
+    count stays within :data:`SE_TOLERANCE` paired standard errors of the best; return where that stops.
+
+    Counts are only walked down through: a much smaller count that scores as well as the best across a
+    valley of worse ones (parts nested in larger groups, like chains added one by one, where 2 groups
+    "early" and "late" also score high) is a different partition, not a simpler version of the best.
+    """
+    j = int(np.argmax(ch))
+    while j > 0 and ch.max() - ch[j - 1] <= SE_TOLERANCE * paired_se[j - 1]:
+        j -= 1
+    return int(ks[j])
+
+
 def choose_k(x: np.ndarray, k_max: int, seed: int = 0, n_boot: int = 20) -> int:
-    """Number of clusters in 2..k_max: the smallest k whose Calinski–Harabasz index is within
-    :data:`SE_TOLERANCE` bootstrap standard errors of the best k's.
+    """Number of clusters in 2..k_max by :func:`fewest_within_error` on the Calinski–Harabasz index.
 
     The error of ``CH(best) − CH(k)`` is paired: both are recomputed on the same ``n_boot`` resamples of the
     rows of ``x``, so noise common to every k cancels. Plain argmax CH splits a part that moves as one when
@@ -90,8 +103,7 @@ def choose_k(x: np.ndarray, k_max: int, seed: int = 0, n_boot: int = 20) -> int:
     for b in range(n_boot):
         xb = x[rng.integers(len(x), size=len(x))]
         boot[b] = [calinski_harabasz(xb, kmeans_pp(xb, k, seed + b)[0]) for k in ks]
-    paired_se = (boot - boot[:, best : best + 1]).std(0)
-    return int(ks[np.flatnonzero(full[best] - full <= SE_TOLERANCE * paired_se)[0]])
+    return fewest_within_error(ks, full, (boot - boot[:, best : best + 1]).std(0))
 
 
 def principal_components(x: np.ndarray, r: int) -> np.ndarray:
