@@ -136,7 +136,7 @@ def test_kmeans_calinski_harabasz_and_allocation():
     assert (found["part"][found["anchor_index"]] == found["anchor_part"]).all()  # an anchor belongs to its part
 
 
-def test_part_count_is_the_smallest_within_the_resampling_error_of_the_best():
+def test_part_count_ignores_splits_within_the_resampling_error():
     """Two compact groups and a slightly wide one: halving the wide group raises the Calinski–Harabasz index
     by less than its resampling noise, so the rule keeps 3; four compact groups are found as four."""
     g = np.random.default_rng(0)
