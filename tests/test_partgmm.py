@@ -26,7 +26,7 @@ from cryobench_lab.models.components.parts import (
 from cryobench_lab.models.partgmm import PartGMM, positional_features
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft2_center
-from cryobench_lab.physics.gaussians import project_gaussians
+from cryobench_lab.physics.gaussians import project_gaussians, voxelize_gaussians
 from cryobench_lab.physics.lattice import freq_grid_2d
 from cryobench_lab.physics.rotations import random_rotations
 from cryobench_lab.run import build_model
@@ -221,17 +221,66 @@ def test_part_discovery_is_deterministic_and_resume_keeps_anchors(trained, data)
 
 
 def test_stage2_starts_from_stage1_gates(trained, data):
-    """Right after part discovery a fine Gaussian's gate is the gate stage 1 gives its nearest coarse one."""
+    """Right after part discovery a fine Gaussian's gate is the gate stage 1 gives the coarse one it belongs to."""
     resumed = _model(data[0], resume=str(trained["ckpt"]))
     with torch.no_grad():
         resumed.net1.out.weight.normal_()  # make stage 1's gates depend on z and f
         resumed.discover_parts()
         z = torch.randn(3, resumed.hparams.latent_dim, generator=torch.Generator().manual_seed(0))
-        nearest = torch.cdist(resumed.fine_positions(), resumed.coarse.centers).argmin(1)
-        gate1 = resumed.mixture(z, 1)[3][:, nearest]  # (3, n_fine)
+        owner = resumed.coarse_owner(resumed.fine_positions(), resumed.coarse_gates()[0])
+        gate1 = resumed.mixture(z, 1)[3][:, owner]  # (3, n_fine)
         gate2 = resumed.mixture(z, 2)[3]
     assert gate1.std() > 0.05
     assert torch.allclose(gate2, gate1, atol=1e-5)
+
+
+class _GateByLatent(torch.nn.Module):
+    """Stand-in for stage 1's network: no shifts; Gaussians with f[0] > 0 are on where z[0] > 0, others always."""
+
+    def forward(self, z: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(z.shape[0], f.shape[0], 4)
+        out[..., 3] = torch.where(f[:, 0] > 0, 40.0 * z[:, :1], torch.tensor(40.0))
+        return out
+
+
+def test_stage2_is_seeded_on_the_union_of_the_states(data):
+    """A Gaussian on in a quarter of the images is at a quarter of its density in the consensus; the seeding
+    density restores it (closed form: 4×) and stage 2 then puts as many Gaussians on it as on an equal
+    always-present one, where the consensus alone gives it far fewer."""
+    model = _model(data[0], n_coarse=2, n_fine=400)
+    with torch.no_grad():
+        model.coarse.centers.copy_(torch.tensor([[-15.0, 0.0, 0.0], [15.0, 0.0, 0.0]]))
+        model.coarse.log_sigma.fill_(math.log(4.0))
+        model.coarse.log_amp.fill_(0.0)
+        model.coarse_features.copy_(torch.tensor([[-1.0], [1.0]]).expand(2, model.hparams.feature_dim))
+        model.latents.weight[:, 0] = torch.where(torch.arange(N_IMAGES) % 4 == 0, 1.0, -1.0)
+        model.net1 = _GateByLatent()
+        mean = voxelize_gaussians(model.coarse.centers, model.coarse.sigma, torch.tensor([1.0, 0.25]), D, APIX)
+        model.consensus.copy_(mean * APIX)
+        model.support_threshold.fill_(float(model.consensus.max()) * 0.1)
+        union = model.union_density(*model.coarse_gates())
+        peak_a, peak_b = (D // 2, D // 2, D // 2 - 5), (D // 2, D // 2, D // 2 + 5)  # [z, y, x] at x = ∓15 Å
+        assert union[peak_a] == pytest.approx(float(model.consensus[peak_a]), rel=0.02)
+        assert union[peak_b] == pytest.approx(4 * float(model.consensus[peak_b]), rel=0.05)
+        on_b = {name: float((model._seed(model.fine, 0, density)[:, 0] > 0).float().mean())
+                for name, density in (("consensus", None), ("union", union))}
+    assert on_b["union"] == pytest.approx(0.5, abs=0.08)
+    assert on_b["consensus"] < on_b["union"] - 0.1
+
+
+def test_fine_gaussians_belong_to_the_coarse_gaussian_whose_density_they_sit_in(data):
+    """A wide Gaussian and a faint narrow one 4 Å from its centre: a point 5 Å out on the narrow one's side is
+    nearest the narrow centre but inside the wide one's density (closed form: log densities −0.78 vs −2.80),
+    unless the wide one is never on."""
+    model = _model(data[0], n_coarse=2)
+    with torch.no_grad():
+        model.coarse.centers.copy_(torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0]]))
+        model.coarse.log_sigma.copy_(torch.tensor([math.log(4.0), math.log(1.0)]))
+        model.coarse.log_amp.copy_(torch.tensor([0.0, math.log(0.1)]))
+    point = torch.tensor([[5.0, 0.0, 0.0]])
+    assert torch.cdist(point, model.coarse.centers).argmin() == 1
+    assert model.coarse_owner(point, torch.tensor([1.0, 1.0])).item() == 0
+    assert model.coarse_owner(point, torch.tensor([1e-3, 1.0])).item() == 1
 
 
 def test_decode_contract_and_outputs(trained, tmp_path):

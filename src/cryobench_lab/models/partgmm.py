@@ -27,9 +27,12 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
   ``max_parts − 1`` principal components (the span of up to ``max_parts`` part centroids). Gaussians that move and appear together are close there by
   construction; in feature space they need not be (adk: silhouette 0.2 for features vs 0.4 for
   responses, NMP merged into CORE; BENCHMARKS.md, issue 6).
-- Stage 2, part-aware mixture: ``n_fine`` Gaussians, re-seeded and fitted like stage 0, each assigned to
-  the anchor of its nearest coarse Gaussian and stored as an offset o_i from that anchor's centre. It is
-  warm-started from stage 1: Δf_i starts at (feature of the nearest coarse Gaussian − f̄_a) and MLP_G at
+- Stage 2, part-aware mixture: ``n_fine`` Gaussians, re-seeded and fitted like stage 0 but on the union
+  of the states (the consensus rescaled by stage 1's gates so that density present in only some images
+  is at full strength, :meth:`PartGMM.union_density`). Each belongs to the coarse Gaussian that puts the
+  most density at its position when present (:meth:`PartGMM.coarse_owner`), takes that one's anchor and
+  is stored as an offset o_i from the anchor's centre. It is
+  warm-started from stage 1: Δf_i starts at (feature of its coarse Gaussian − f̄_a) and MLP_G at
   stage 1's MLP (same shape), so gates learned in stage 1 carry over. Per
   image, MLP_A([z, f̄_a]) → a rotation (quaternion vector part, real part 1) and a translation (px) per
   anchor; the PIVOT is the anchor's centre c_a. MLP_G([z, f_i]) with ``f_i = f̄_a + Δf_i`` → a residual
@@ -89,6 +92,8 @@ from cryobench_lab.physics.gaussians import voxelize_gaussians
 FEATURES = ("learned", "positional")
 PART_SPACES = ("response", "features")
 RESPONSE_LATENTS = 256  # training latents at which part discovery samples stage 1's network
+UNION_LATENTS = 1024  # training latents at which stage 2's seeding reads stage 1's gates
+ON_QUANTILE = 0.95  # a Gaussian's gate "when present": it must be on in ≥ 5 % of the images to count
 GATE_INIT_LOGIT = 3.0  # gates start at sigmoid(3) ≈ 0.95: every Gaussian present
 
 
@@ -331,10 +336,12 @@ class PartGMM(ReconstructionModule):
             self.discover_parts()
         self.stage_done.fill_(stage)
 
-    def _seed(self, gs: GaussianSet, seed: int) -> torch.Tensor:
-        """Seed ``gs`` uniformly on the consensus support and fit it to the consensus; returns centres (n, 3)."""
+    def _seed(self, gs: GaussianSet, seed: int, density: torch.Tensor | None = None) -> torch.Tensor:
+        """Seed ``gs`` uniformly on the support of ``density`` (D, D, D) in consensus units (default: the
+        consensus) and fit it to that density; returns centres (n, 3) Å."""
         D, apix = self.D, self.apix
-        support = torch.nonzero(self.consensus > self.support_threshold)  # (m, 3) as [z, y, x]
+        density = self.consensus if density is None else density
+        support = torch.nonzero(density > self.support_threshold)  # (m, 3) as [z, y, x]
         if len(support) == 0:
             raise InputError("stage 0: the consensus reconstruction has no density above its noise level; check data.invert and the poses")
         n = gs.centers.shape[0]
@@ -343,8 +350,8 @@ class PartGMM(ReconstructionModule):
         centers = (pick - D // 2 + torch.rand(n, 3, generator=g) - 0.5) * apix  # Å
         spacing = (len(support) * apix**3 / n) ** (1.0 / 3.0)
         sigma = max(0.5 * spacing, 0.5 * apix)
-        target = self.consensus / apix  # projections of V/apix voxelised match the images (voxelize_gaussians)
-        mean_density = float(target[self.consensus > self.support_threshold].mean())
+        target = density / apix  # projections of V/apix voxelised match the images (voxelize_gaussians)
+        mean_density = float(target[density > self.support_threshold].mean())
         amp0 = max(mean_density, 1e-6) * spacing**3 / ((2 * math.pi) ** 1.5 * sigma**3)
         gs.centers.copy_(centers)
         gs.log_sigma.fill_(math.log(sigma))
@@ -381,19 +388,59 @@ class PartGMM(ReconstructionModule):
         self.anchor_part[:K] = torch.from_numpy(found["anchor_part"]).to(self.device)
         self.coarse_part.copy_(torch.from_numpy(found["part"]))
         self.coarse_anchor.copy_(torch.from_numpy(found["anchor"]))
-        positions = self._seed(self.fine, h.seed + 1)  # (n2, 3) Å, box frame
-        nearest = torch.cdist(positions, self.coarse.centers).argmin(1)  # (n2,)
-        self.fine_anchor.copy_(self.coarse_anchor[nearest])
+        on, mean = self.coarse_gates()
+        positions = self._seed(self.fine, h.seed + 1, self.union_density(on, mean))  # (n2, 3) Å, box frame
+        owner = self.coarse_owner(positions, on)  # (n2,)
+        self.fine_anchor.copy_(self.coarse_anchor[owner])
         self.fine.centers.sub_(self.anchor_centers[self.fine_anchor])  # stored relative to the anchor
-        # Stage 2 starts from what stage 1 learned: each fine Gaussian takes the feature of its nearest coarse
-        # Gaussian (as an offset from its anchor's) and MLP_G starts as stage 1's network, so the gates and
-        # displacements begin where stage 1 left them instead of being learned again from zero.
-        self.fine_dfeat.copy_(feats[nearest] - self.anchor_features[self.fine_anchor])
+        # Stage 2 starts from what stage 1 learned: each fine Gaussian takes the feature of the coarse Gaussian
+        # whose density it sits in (as an offset from its anchor's) and MLP_G starts as stage 1's network, so
+        # the gates and displacements begin where stage 1 left them instead of being learned again from zero.
+        self.fine_dfeat.copy_(feats[owner] - self.anchor_features[self.fine_anchor])
         if h.features == "positional":
             self.fine_dfeat.zero_()
             self.fine_pe.copy_(positional_features(positions, h.feature_dim, self.D * self.apix, h.seed))
         self.net_g.load_state_dict(self.net1.state_dict())
         return found
+
+    @torch.no_grad()
+    def coarse_gates(self, n_latents: int = UNION_LATENTS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1's gate of every coarse Gaussian over ``n_latents`` training latents drawn with the model's
+        seed → (gate when present: its ``ON_QUANTILE``, mean gate), each ``(n_coarse,)``."""
+        n = self.latents.num_embeddings
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))[:n_latents]
+        feats = self._coarse_features()
+        gates = torch.cat([torch.sigmoid(self.net1(z, feats)[..., 3])
+                           for z in self.latents.weight[pick.to(self.device)].split(256)])  # (L, n1)
+        return torch.quantile(gates, ON_QUANTILE, dim=0), gates.mean(0)
+
+    @torch.no_grad()
+    def union_density(self, on: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The consensus as the union of the states → (D, D, D), consensus units, from the coarse gates
+        ``on`` and ``mean`` (n_coarse,) of :meth:`coarse_gates`.
+
+        The consensus averages the states, so a chain present in 1 image of 9 is at 1/9 of its density
+        there: stage 2 seeded on it would put few, faint Gaussians on that chain, and their gates barely
+        touch the loss. The consensus is rescaled voxel by voxel by (coarse mixture with the gates ``on``) /
+        (the same with the gates ``mean``), so density that appears in some states is seeded at its full
+        value. Where every Gaussian is always on, the ratio is 1 and this is the consensus.
+        """
+        c, sigma, amp = self.coarse.centers, self.coarse.sigma, self.coarse.amp
+        full = voxelize_gaussians(c, sigma, amp * on, self.D, self.apix)
+        avg = voxelize_gaussians(c, sigma, amp * mean, self.D, self.apix)
+        eps = 0.01 * avg.max()  # keeps the ratio at 1 in the solvent, where both mixtures vanish
+        return self.consensus * (full + eps) / (avg + eps)
+
+    @torch.no_grad()
+    def coarse_owner(self, positions: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """For each position ``(n, 3)`` Å, the coarse Gaussian contributing most density there when present
+        (amplitude × ``on`` gate × its profile) → ``(n,)`` indices. Not simply the nearest centre: stage 1
+        covers a chain it rarely sees with a few wide Gaussians, and a small always-on Gaussian nearby would
+        otherwise hand its gate to the fine Gaussians around its centre."""
+        sigma = self.coarse.sigma
+        r2 = torch.cdist(positions, self.coarse.centers) ** 2  # (n, n1)
+        log_density = (self.coarse.amp * on).clamp_min(1e-30).log() - r2 / (2 * sigma**2)
+        return log_density.argmax(1)
 
     @torch.no_grad()
     def coarse_response(self, n_latents: int = RESPONSE_LATENTS) -> np.ndarray:
