@@ -174,7 +174,8 @@ def test_response_profile_finds_parts_that_move_and_appear_together():
     prof = response_profile(shift, gate, 2.0)
     assert prof.shape == (n.sum(), 4 * L)
     i = int(np.flatnonzero(truth == 1)[0])
-    expect = (shift[:, i, 0] - shift[:, i, 0].mean()) / (np.sqrt(2) * 2.0)
+    w = gate[:, i] / gate[:, i].sum()
+    expect = gate[:, i] * (shift[:, i, 0] - (w * shift[:, i, 0]).sum()) / (np.sqrt(2) * 2.0)
     assert np.allclose(prof[i, 0: 3 * L: 3], expect)
     assert np.allclose(prof[:, 3 * L:], (gate - gate.mean(0)).T)
     space = principal_components(prof, 4)
@@ -184,6 +185,20 @@ def test_response_profile_finds_parts_that_move_and_appear_together():
     labels, _ = kmeans_pp(space, k)
     assert k == 3
     assert len({(a, b) for a, b in zip(labels, truth)}) == 3  # the partition is the truth's
+
+
+def test_shifts_of_a_gaussian_that_is_off_do_not_enter_its_response():
+    """Two Gaussians of a chain present in a quarter of the latents: the same shifts where they are on,
+    unrelated large ones where they are off (invisible there) → the same response profile."""
+    g = np.random.default_rng(2)
+    L = 40
+    gate = np.zeros((L, 2))
+    gate[: L // 4] = 1.0
+    shift = g.normal(0, 8.0, (L, 2, 3))
+    shift[: L // 4, 1] = shift[: L // 4, 0]
+    prof = response_profile(shift, gate, 2.0)
+    assert np.allclose(prof[0], prof[1])
+    assert np.abs(prof[0, : 3 * L]).max() > 0.5  # the shifts where it is on still count
 
 
 def test_parts_that_assemble_one_by_one_are_all_found():

@@ -22,7 +22,7 @@ that stage (all parameter shapes are fixed at construction, so a checkpoint alwa
   then k-means++ on positions inside each part; ``n_anchors`` in total, allocated by part size. Anchor = the coarse Gaussian nearest its
   centroid (its centre c_a and feature f̄_a). What is clustered (``part_space``): the paper clusters the
   features (``features``). The default ``response`` clusters what the features do instead: each
-  Gaussian's shifts and gates predicted by stage 1's network at 256 training latents, as a relative change
+  Gaussian's shifts (weighted by its gate: an invisible Gaussian's shift changes nothing) and gates predicted by stage 1's network at 256 training latents, as a relative change
   of a Gaussian of the mixture's median width (:func:`~cryobench_lab.models.components.parts.response_profile`), reduced to its first
   ``max_parts − 1`` principal components (the span of up to ``max_parts`` part centroids). Gaussians that move and appear together are close there by
   construction; in feature space they need not be (adk: silhouette 0.2 for features vs 0.4 for

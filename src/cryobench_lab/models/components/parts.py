@@ -121,11 +121,15 @@ def response_profile(shift: np.ndarray, gate: np.ndarray, sigma: float) -> np.nd
     Each Gaussian's deviation from its own mean over the latents. Shifts are measured as the relative L2
     change they cause in a Gaussian of std σ, ``d / (√2 σ)`` to first order, the scale of a gate change Δg
     (which changes the density by Δg). One σ for all Gaussians, so the members of a part that moves as one
-    have the same profile whatever their widths.
+    have the same profile whatever their widths. A shift changes the density only as far as the Gaussian
+    is on, so it is weighted by the gate at that latent (deviation from the gate-weighted mean shift): the
+    network's shifts of a Gaussian that is off are arbitrary, and would otherwise split a chain that is
+    absent in most images by where its invisible Gaussians drift.
     """
     shift = np.asarray(shift, np.float64)
     gate = np.asarray(gate, np.float64)
-    d = (shift - shift.mean(0)) / (np.sqrt(2.0) * float(sigma))  # (L, n, 3)
+    w = gate[..., None] / np.maximum(gate.sum(0), 1e-12)[None, :, None]  # (L, n, 1) sums to 1 over L
+    d = gate[..., None] * (shift - (w * shift).sum(0)) / (np.sqrt(2.0) * float(sigma))  # (L, n, 3)
     g = gate - gate.mean(0)  # (L, n)
     return np.concatenate([d.transpose(1, 0, 2).reshape(d.shape[1], -1), g.T], 1)
 
