@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/segvae_speed.py [--batch 64] [--steps 10] [--threads 1] [--out bench/results/segvae_speed.json]
 
-The renderer's FLOPs are counted as its batched matmul, 2·B·N·D² for B images of N Gaussians (the
-``render_*_fraction_matmul`` rows), and, in the ``*_fraction`` rows, also ≈ 10 flops per erf-edge
-element, 2·B·N·(W+1) of them for the renderer's W-pixel window around each Gaussian (±5σ). The peak is a float32 (2048 × 2048) matmul timed in the same run, with the
+The renderer's FLOPs are its batched matmul, 2·B·N·D² for B images of N Gaussians: the forward reads
+each Gaussian's pixel factors from a precomputed profile table (``atoms.profile_table``), so the matmul
+is all its arithmetic. The peak is a float32 (2048 × 2048) matmul timed in the same run, with the
 same number of threads. With ``--threads 1`` every time is the thread's CPU time (``time.thread_time``),
 so the load of a shared machine does not enter the fraction; with more threads it is wall time (then
 run on an idle machine). The load average is recorded next to the numbers.
@@ -21,7 +21,6 @@ import torch
 
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.models.components.atoms import project_residues
-from cryobench_lab.models.components.gaussian_render import window_pixels
 from cryobench_lab.models.segment_vae import SegmentVAE
 from cryobench_lab.physics.rotations import random_rotations
 
@@ -68,8 +67,7 @@ def main() -> None:
 
     render = _best(forward, args.steps, clock)
     render_fb = _best(forward_backward, args.steps, clock)
-    matmul_flops = 2 * B * n * D * D
-    flops = matmul_flops + 10 * 2 * B * n * (window_pixels(2.0, D, apix) + 1)
+    flops = 2 * B * n * D * D
     opt = model.configure_optimizers()
 
     def step():
@@ -85,7 +83,7 @@ def main() -> None:
         "load_average_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "matmul_peak_gflops": peak / 1e9,
         "render_forward_s": render, "render_gflops": flops / render / 1e9,
-        "render_fraction_of_peak": flops / render / peak, "render_fraction_matmul": matmul_flops / render / peak,
+        "render_fraction_of_peak": flops / render / peak,
         "render_forward_backward_s": render_fb,
         "train_step_s": train, "train_images_per_s": B / train,
     }

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from cryobench_lab.config import register_configs
 from cryobench_lab.data.particles import DatasetInfo
+from cryobench_lab.models.components import atoms
 from cryobench_lab.models.components.atoms import (
     local_frames,
     move_by_segments,
@@ -246,7 +247,20 @@ def test_project_residues_matches_project_gaussians():
     shifts = torch.randn(5, 2, generator=g)
     amps = torch.rand(40, generator=g) * 60
     ref = project_gaussians(centers, torch.full((40,), 2.0), amps, rot, D, APIX, shifts)
-    torch.testing.assert_close(project_residues(centers, 2.0, amps, rot, D, APIX, shifts), ref, rtol=0, atol=1e-5 * float(ref.max()))
+    # centres are rounded to 1/16384 px (≤ 3.1e-5 px): at σ = 0.8 px a pixel moves by ≤ ~1.5e-5 of the peak
+    torch.testing.assert_close(project_residues(centers, 2.0, amps, rot, D, APIX, shifts), ref, rtol=0, atol=3e-5 * float(ref.max()))
+
+
+def test_project_residues_is_exact_for_centres_on_its_subpixel_grid():
+    """Centres whose projections sit on the 1/16384-px grid are not rounded: the renderer equals the
+    physics projection to float64 round-off and the ±5σ tails (6e-7 of the peak), far outside the box too."""
+    g = torch.Generator().manual_seed(3)
+    grid = APIX / atoms._SUBPIXEL  # Å
+    centers = torch.randint(-24 * atoms._SUBPIXEL, 24 * atoms._SUBPIXEL, (4, 50, 3), generator=g).double() * grid
+    amps = (torch.rand(50, generator=g) * 60).double()
+    rot = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)  # the projection of (x, y, z) is (x, y)
+    ref = project_gaussians(centers, torch.full((50,), 2.0, dtype=torch.float64), amps, rot, D, APIX)
+    torch.testing.assert_close(project_residues(centers, 2.0, amps, rot, D, APIX), ref, rtol=0, atol=1e-6 * float(ref.max()))
 
 
 def test_project_residues_gradient_matches_autograd_of_project_gaussians():
@@ -261,8 +275,8 @@ def test_project_residues_gradient_matches_autograd_of_project_gaussians():
     (expected,) = torch.autograd.grad((ref * weights).sum(), centers)
     out = project_residues(centers, 2.0, amps, rot, D, APIX, shifts)
     (got,) = torch.autograd.grad((out * weights).sum(), centers)
-    # the renderer drops tails beyond ±5σ of each centre (below 6e-7 of the peak)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    # exact derivatives at the unrounded centres, with the forward's factors (centres rounded to 1/16384 px)
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-5 * float(expected.abs().max()))
 
 
 def test_half_spectrum_ctf_equals_the_centred_full_spectrum_filter(model):

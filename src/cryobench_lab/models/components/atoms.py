@@ -140,38 +140,74 @@ def move_per_residue(
     return origins + torch.einsum("nij,bnj->bni", axes, moved)
 
 
+# Sub-pixel positions of the profile table: a centre is rounded to 1/16384 px (≤ 3.1e-5 px; 4e-5 Å at
+# 1.4 Å/px), which changes a pixel by ≤ ~7e-6 of the peak at σ = 1.4 px (~1.5e-5 at σ = 0.8 px).
+_SUBPIXEL = 16384
+_PROFILE_TABLES: dict = {}
+
+
+def profile_table(sigma: float, D: int, apix: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Unscaled pixel factors ``erf(u_hi) − erf(u_lo)`` of a 1D Gaussian of σ (Å) whose centre is ``q/Q`` px
+    past a pixel centre, for ``q = 0..Q − 1`` (``Q = _SUBPIXEL``) and pixel offsets ``−(D + M) .. D + M`` from
+    that pixel (M = 5σ in pixels + 2) → ``(table (Q, L), L, D + M)``: the row length and the column of
+    offset 0. Any centre whose pixel lies within M pixels of the box has its D pixel factors as ONE
+    contiguous slice of a row; tails beyond ±(D + M) pixels are below 6e-7 of the peak or outside the box.
+    Computed in float64 once per (σ, D, apix, dtype, device)."""
+    key = (float(sigma), D, float(apix), dtype, device)
+    if key not in _PROFILE_TABLES:
+        # a centre more than `margin` px outside the box is drawn `margin` px out: still > 5σ from every pixel
+        margin = math.ceil(5.0 * sigma / apix + 2.0)
+        offsets = torch.arange(-(D + margin), D + margin + 1, dtype=torch.float64)  # (L,) pixels
+        frac = torch.arange(_SUBPIXEL, dtype=torch.float64) / _SUBPIXEL  # (Q,) pixels
+        u = (offsets[None, :] - frac[:, None]) * (apix / (math.sqrt(2.0) * sigma))  # pixel centres, in √2σ
+        half = apix / (2.0 * math.sqrt(2.0) * sigma)  # half a pixel, in √2σ
+        table = (torch.erf(u + half) - torch.erf(u - half)).to(dtype=dtype, device=device).contiguous()
+        _PROFILE_TABLES[key] = (table, len(offsets), D + margin)
+    return _PROFILE_TABLES[key]
+
+
 class _SeparableProjection(torch.autograd.Function):
     """Image ``Σ_n w_n f_y(n) ⊗ f_x(n)`` of separable pixel-integrated Gaussians; gradient w.r.t. the
     projected centres only (σ and amplitudes are constants of the residue model).
 
     Per axis and Gaussian, ``f(n)_j = erf(u_{j+1}) − erf(u_j)`` on the pixel edges ``e_j`` with
     ``u_j = (e_j − x_n) / (√2 σ)``; the constant ``σ√(π/2)/apix`` of each factor is folded into ``w``.
-    Backward: ``∂f_j/∂x = 2/(√(2π) σ) (exp(−u_j²) − exp(−u_{j+1}²))``, and the factors' gradients are two
-    batched matmuls with the image gradient. The erf and exp passes run on each Gaussian's ±5σ pixel
-    window only (:func:`~cryobench_lab.models.components.gaussian_render.window_start`; the dropped tail
-    is below 6e-7 of the peak): they, not the matmul, dominated the time over the whole ``D + 1`` edges.
+    Forward: all Gaussians share σ, so f depends only on where the centre sits within its pixel; each
+    factor row is read as one slice of :func:`profile_table` (centre rounded to 1/16384 px), which leaves
+    the batched matmul as the only arithmetic (computing the erfs and scattering their windows into the
+    dense factors took 60 % of the time, BENCHMARKS.md, issue 5).
+    Backward (exact, at the unrounded centres): ``∂f_j/∂x = 2/(√(2π) σ) (exp(−u_j²) − exp(−u_{j+1}²))``,
+    and the factors' gradients are two batched matmuls with the image gradient; the exp pass runs on each
+    Gaussian's ±5σ pixel window only (:func:`~cryobench_lab.models.components.gaussian_render.window_start`;
+    the dropped tail is below 6e-7 of the peak).
     """
 
     @staticmethod
     def forward(ctx, xy, weight, sigma, D, apix):
         # xy (B, 2, N) Å (axis-major: each axis' factors are contiguous matrices for the matmuls);
         # weight (N,); sigma: the one σ (Å)
-        W = window_pixels(sigma, D, apix)
-        j0 = window_start(xy, W, D, apix)  # (B, 2, N)
-        cdf = window_offsets(xy, sigma, j0, W, D, apix).erf_()  # (B, 2, N, W+1)
-        f = torch.sub(cdf[..., 1:], cdf[..., :-1])  # (B, 2, N, W) unscaled window pixel factors
-        f[:, 1].mul_(weight[:, None])  # the y-factors carry each Gaussian's weight
-        m = xy.new_zeros((*xy.shape, D))  # (B, 2, N, D), zero outside the windows
-        m.scatter_(-1, j0[..., None] + torch.arange(W, device=xy.device), f)
+        table, L, zero = profile_table(sigma, D, apix, xy.dtype, xy.device)
+        rows = table.view(-1).as_strided((table.numel() - D + 1, D), (1, 1))  # every D-long slice
+        # position in whole 1/Q px (pixel j centred at j·Q; float64 holds these integers exactly at any D)
+        # → pixel and sub-pixel row q in [0, Q), each (B, 2, N)
+        steps = (xy.double() * (_SUBPIXEL / apix) + (D // 2) * _SUBPIXEL).round_()
+        pixel = torch.floor(steps * (1.0 / _SUBPIXEL))
+        q = steps - pixel * _SUBPIXEL
+        margin = zero - D
+        start = (q * L + (zero - pixel.clamp_(-margin, D + margin - 1))).long()  # pixel 0's column in row q
+        m = rows.index_select(0, start.view(-1)).view(*xy.shape, D)  # (B, 2, N, D)
+        m[:, 1].mul_(weight[:, None])  # the y-factors carry each Gaussian's weight
         img = torch.bmm(m[:, 1].transpose(1, 2), m[:, 0])  # (B, D_y, D_x)
-        ctx.save_for_backward(xy, weight, j0, m)
-        ctx.sigma, ctx.D, ctx.apix, ctx.W = sigma, D, apix, W
+        ctx.save_for_backward(xy, weight, m)
+        ctx.sigma, ctx.D, ctx.apix = sigma, D, apix
         return img
 
     @staticmethod
     def backward(ctx, grad_img):
-        xy, weight, j0, m = ctx.saved_tensors
-        sigma, D, apix, W = ctx.sigma, ctx.D, ctx.apix, ctx.W
+        xy, weight, m = ctx.saved_tensors
+        sigma, D, apix = ctx.sigma, ctx.D, ctx.apix
+        W = window_pixels(sigma, D, apix)
+        j0 = window_start(xy, W, D, apix)  # (B, 2, N)
         grad_img = grad_img.contiguous()
         g = torch.stack([torch.bmm(m[:, 1], grad_img),  # Σ_i w fy_i G_ij → d/d fx (B, N, D_x)
                          torch.bmm(m[:, 0], grad_img.transpose(1, 2))], 1)  # Σ_j fx_j G_ij → d/d(w fy) (B, N, D_y)
