@@ -404,14 +404,20 @@ class PartGMM(ReconstructionModule):
         return found
 
     @torch.no_grad()
-    def coarse_gates(self, n_latents: int = UNION_LATENTS) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1's gate of every coarse Gaussian over ``n_latents`` training latents drawn with the model's
-        seed → (gate when present: its ``ON_QUANTILE``, mean gate), each ``(n_coarse,)``."""
+    def stage1_outputs(self, n_latents: int) -> torch.Tensor:
+        """Stage 1's network at ``n_latents`` training latents drawn with the model's seed (the first k of one
+        fixed permutation, so fewer latents are a subset of more) → ``(L, n_coarse, 4)``: shift (px) and
+        gate logit of every coarse Gaussian."""
         n = self.latents.num_embeddings
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))[:n_latents]
         feats = self._coarse_features()
-        gates = torch.cat([torch.sigmoid(self.net1(z, feats)[..., 3])
-                           for z in self.latents.weight[pick.to(self.device)].split(256)])  # (L, n1)
+        return torch.cat([self.net1(z, feats) for z in self.latents.weight[pick.to(self.device)].split(256)])
+
+    @torch.no_grad()
+    def coarse_gates(self, n_latents: int = UNION_LATENTS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1's gate of every coarse Gaussian over ``n_latents`` training latents drawn with the model's
+        seed → (gate when present: its ``ON_QUANTILE``, mean gate), each ``(n_coarse,)``."""
+        gates = torch.sigmoid(self.stage1_outputs(n_latents)[..., 3])  # (L, n1)
         return torch.quantile(gates, ON_QUANTILE, dim=0), gates.mean(0)
 
     @torch.no_grad()
@@ -446,10 +452,7 @@ class PartGMM(ReconstructionModule):
     def coarse_response(self, n_latents: int = RESPONSE_LATENTS) -> np.ndarray:
         """Stage 1's response profile of every coarse Gaussian (:func:`response_profile`) over ``n_latents``
         training latents drawn with the model's seed → ``(n_coarse, 4 · n_latents)``."""
-        n = self.latents.num_embeddings
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))[:n_latents]
-        z = self.latents.weight[pick.to(self.device)]  # (L, d)
-        out = self.net1(z, self._coarse_features())  # (L, n_coarse, 4)
+        out = self.stage1_outputs(n_latents)  # (L, n_coarse, 4)
         return response_profile((out[..., :3] * self.apix).cpu().numpy(), torch.sigmoid(out[..., 3]).cpu().numpy(),
                                 float(self.coarse.sigma.median()))
 
