@@ -140,30 +140,58 @@ def move_per_residue(
     return origins + torch.einsum("nij,bnj->bni", axes, moved)
 
 
-# Sub-pixel positions of the profile table: a centre is rounded to 1/16384 px (≤ 3.1e-5 px; 4e-5 Å at
-# 1.4 Å/px), which changes a pixel by ≤ ~7e-6 of the peak at σ = 1.4 px (~1.5e-5 at σ = 0.8 px).
+# Sub-pixel positions of the profile table, a power of two so that splitting a position into pixel and
+# sub-pixel is exact in floating point: a centre is rounded to 1/16384 px (≤ 3.1e-5 px; 4e-5 Å at 1.4 Å/px), which changes
+# a pixel by ≤ ~7e-6 of the peak at σ = 1.4 px (~1.5e-5 at σ = 0.8 px).
 _SUBPIXEL = 16384
 _PROFILE_TABLES: dict = {}
 
 
 def profile_table(sigma: float, D: int, apix: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """Unscaled pixel factors ``erf(u_hi) − erf(u_lo)`` of a 1D Gaussian of σ (Å) whose centre is ``q/Q`` px
-    past a pixel centre, for ``q = 0..Q − 1`` (``Q = _SUBPIXEL``) and pixel offsets ``−(D + M) .. D + M`` from
-    that pixel (M = 5σ in pixels + 2) → ``(table (Q, L), L, D + M)``: the row length and the column of
-    offset 0. Any centre whose pixel lies within M pixels of the box has its D pixel factors as ONE
-    contiguous slice of a row; tails beyond ±(D + M) pixels are below 6e-7 of the peak or outside the box.
-    Computed in float64 once per (σ, D, apix, dtype, device)."""
+    """Every D-long pixel-factor row ``erf(u_hi) − erf(u_lo)`` of a 1D Gaussian of σ (Å) in a box of D pixels.
+
+    The profile of a centre ``q/Q`` px past a pixel centre (``q = 0..Q − 1``, ``Q = _SUBPIXEL``) is nonzero
+    over the pixel offsets ``−M..M`` only (M = 5σ in pixels + 2; beyond, below 6e-7 of the peak). The table
+    lays these W = 2M + 1 values out one after another with D zeros between them, so a centre on any pixel
+    from −M to D + M − 1 finds its D factors as ONE contiguous slice, reading the zeros around its profile
+    → ``(rows, stride, M)``: ``rows[k]`` is the slice starting at element k, ``(Q·(W + D) + 1, D)``, and the
+    profile of sub-pixel q starts at element ``D + q·stride``. Keeping only the profile's nonzero part
+    (5.6 MB at D = 64, σ = 2 Å, 1.39 Å/px; a full row of ±(D + M) offsets per q took 9.8 MB) keeps more of
+    the randomly read table in cache. Computed in float64 once per (σ, D, apix, dtype, device)."""
     key = (float(sigma), D, float(apix), dtype, device)
     if key not in _PROFILE_TABLES:
-        # a centre more than `margin` px outside the box is drawn `margin` px out: still > 5σ from every pixel
+        # a centre more than M px outside the box is drawn M px out: still > 5σ from every pixel
         margin = math.ceil(5.0 * sigma / apix + 2.0)
-        offsets = torch.arange(-(D + margin), D + margin + 1, dtype=torch.float64)  # (L,) pixels
+        offsets = torch.arange(-margin, margin + 1, dtype=torch.float64)  # (W,) pixels
         frac = torch.arange(_SUBPIXEL, dtype=torch.float64) / _SUBPIXEL  # (Q,) pixels
         u = (offsets[None, :] - frac[:, None]) * (apix / (math.sqrt(2.0) * sigma))  # pixel centres, in √2σ
         half = apix / (2.0 * math.sqrt(2.0) * sigma)  # half a pixel, in √2σ
-        table = (torch.erf(u + half) - torch.erf(u - half)).to(dtype=dtype, device=device).contiguous()
-        _PROFILE_TABLES[key] = (table, len(offsets), D + margin)
+        profiles = torch.zeros(_SUBPIXEL, D + len(offsets), dtype=torch.float64)  # (Q, D + W): zeros, profile
+        profiles[:, D:] = torch.erf(u + half) - torch.erf(u - half)
+        flat = torch.cat([profiles.view(-1), profiles.new_zeros(D)]).to(dtype=dtype, device=device)
+        rows = flat.as_strided((flat.numel() - D + 1, D), (1, 1))  # every D-long slice
+        _PROFILE_TABLES[key] = (rows, profiles.shape[1], margin)
     return _PROFILE_TABLES[key]
+
+
+def _pixel_factors(xy: torch.Tensor, weight: torch.Tensor, sigma: float, D: int, apix: float) -> torch.Tensor:
+    """Each Gaussian's D pixel factors per axis, read from :func:`profile_table`.
+
+    xy ``(B, 2, N)`` Å from the box centre (pixel D//2), weight ``(N,)`` → ``(B, 2, N, D)``; the y-factors
+    carry each Gaussian's weight. The centre is rounded to a whole 1/Q px in xy's own precision: below 2²⁴
+    steps (a float32 centre within ±1000 px) these are exact integers, and a float32 centre carries ~0.03
+    steps of error anyway.
+    """
+    rows, stride, margin = profile_table(sigma, D, apix, xy.dtype, xy.device)
+    steps = (xy * (_SUBPIXEL / apix)).round_()  # (B, 2, N) whole 1/Q px
+    pixel = torch.floor(steps * (1.0 / _SUBPIXEL))  # from pixel D//2; exact, Q is a power of two
+    q = torch.sub(steps, pixel, alpha=_SUBPIXEL)  # sub-pixel row in [0, Q)
+    pixel.clamp_(-margin - D // 2, D + margin - 1 - D // 2)
+    # the slice whose element j is pixel j: sub-pixel q's profile starts at D + q·stride, offset −M first
+    start = q.mul_(stride).sub_(pixel).add_(D + margin - D // 2).long()  # (B, 2, N)
+    m = rows.index_select(0, start.view(-1)).view(*xy.shape, D)
+    m[:, 1].mul_(weight[:, None])
+    return m
 
 
 class _SeparableProjection(torch.autograd.Function):
@@ -186,17 +214,7 @@ class _SeparableProjection(torch.autograd.Function):
     def forward(ctx, xy, weight, sigma, D, apix):
         # xy (B, 2, N) Å (axis-major: each axis' factors are contiguous matrices for the matmuls);
         # weight (N,); sigma: the one σ (Å)
-        table, L, zero = profile_table(sigma, D, apix, xy.dtype, xy.device)
-        rows = table.view(-1).as_strided((table.numel() - D + 1, D), (1, 1))  # every D-long slice
-        # position in whole 1/Q px (pixel j centred at j·Q; float64 holds these integers exactly at any D)
-        # → pixel and sub-pixel row q in [0, Q), each (B, 2, N)
-        steps = (xy.double() * (_SUBPIXEL / apix) + (D // 2) * _SUBPIXEL).round_()
-        pixel = torch.floor(steps * (1.0 / _SUBPIXEL))
-        q = steps - pixel * _SUBPIXEL
-        margin = zero - D
-        start = (q * L + (zero - pixel.clamp_(-margin, D + margin - 1))).long()  # pixel 0's column in row q
-        m = rows.index_select(0, start.view(-1)).view(*xy.shape, D)  # (B, 2, N, D)
-        m[:, 1].mul_(weight[:, None])  # the y-factors carry each Gaussian's weight
+        m = _pixel_factors(xy, weight, sigma, D, apix)  # (B, 2, N, D)
         img = torch.bmm(m[:, 1].transpose(1, 2), m[:, 0])  # (B, D_y, D_x)
         ctx.save_for_backward(xy, weight, m)
         ctx.sigma, ctx.D, ctx.apix = sigma, D, apix
@@ -238,10 +256,10 @@ def project_residues(
     """
     B = rot.shape[0]
     centers = centers.expand(B, *centers.shape[-2:])
-    xy = torch.einsum("bnj,bij->bin", centers, rot[:, :2])  # (B, 2, N) Å
+    xy = torch.bmm(rot[:, :2], centers.transpose(1, 2))  # (B, 2, N) Å
     if shifts is not None:
         xy = xy + shifts[:, :, None] * apix
     # pixel mean = σ√(π/2)/apix · erf difference per axis; × σ√(2π) for the z-integral of each peak
     scale = (sigma * math.sqrt(math.pi / 2.0) / apix) ** 2 * sigma * math.sqrt(2.0 * math.pi)
     weight = (amplitudes * scale).to(xy.dtype)  # (N,)
-    return _SeparableProjection.apply(xy.contiguous(), weight, float(sigma), D, float(apix))
+    return _SeparableProjection.apply(xy, weight, float(sigma), D, float(apix))
