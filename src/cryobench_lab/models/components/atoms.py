@@ -141,8 +141,8 @@ def move_per_residue(
 
 
 # Sub-pixel positions of the profile table, a power of two so that splitting a position into pixel and
-# sub-pixel is exact in floating point: a centre is rounded to 1/16384 px (≤ 3.1e-5 px; 4e-5 Å at 1.4 Å/px), which changes
-# a pixel by ≤ ~7e-6 of the peak at σ = 1.4 px (~1.5e-5 at σ = 0.8 px).
+# sub-pixel is exact in floating point. A centre is rounded to 1/16384 px (≤ 3.1e-5 px; 4e-5 Å at
+# 1.4 Å/px), which changes a pixel by ≤ ~7e-6 of the peak at σ = 1.4 px (~1.5e-5 at σ = 0.8 px).
 _SUBPIXEL = 16384
 _PROFILE_TABLES: dict = {}
 
