@@ -28,7 +28,7 @@ STUDY_sweep-partgmm := partgmm_ablation
 STUDY_sweep-leaderboard := leaderboard
 
 help:
-	@echo "make demo       set up, then run the oracle reconstruction on the built-in tomotwin3 dataset"
+	@echo "make demo       set up, then run the headline job: the mixture of neural fields on the built-in tomotwin3 dataset"
 	@echo "make test       set up, then run the fast test suite (~10 min on 2 CPU cores)"
 	@echo "make test-full  also run tests marked slow"
 	@echo "make bench      run the benchmark scripts (results go to BENCHMARKS.md by hand)"
@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m cryobench_lab model=backproject data=tomotwin3
+	$(BIN)/python -m cryobench_lab model=hydra data=tomotwin3
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -10,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+TYPED_SECTIONS = ("data", "trainer", "logger", "metrics", "poses")  # strict schemas in config.py
+EXTRA_TOP_KEYS = ("smoke",)  # top-level keys a user may add with +key=value (experiment configs read them)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -18,22 +22,79 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def config_groups() -> dict[str, list[str]]:
+    """User-facing config groups and their options (``conf/<group>/<option>.yaml``; names starting with ``_``
+    are internal)."""
+    groups = {}
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra"))):
+        groups[folder.name] = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+    return groups
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
+def _key_error(key: str, schema) -> str:
+    """One line for an unknown dotted key, with the closest existing key of its section."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(schema, parent) if parent else schema
+    keys = list(node.keys()) if OmegaConf.is_dict(node) else []
+    return f"config: unknown key {key}{_suggest(leaf, keys)} (list valid keys with: python -m cryobench_lab --cfg job)"
+
+
+def _check_additions(overrides: list[str]) -> None:
+    """``+data.snrr=0.1`` would add a key nobody reads: refuse additions to the typed sections and unknown top-level
+    additions (config groups such as ``+sweep=`` and ``+size=`` stay allowed)."""
+    from cryobench_lab.config import TrainConfig
+
+    schema = OmegaConf.structured(TrainConfig)
+    groups = config_groups()
+    for item in overrides:
+        if not item.startswith("+"):
+            continue
+        key = item.lstrip("+").split("=", 1)[0]
+        top = key.split(".", 1)[0]
+        if top in TYPED_SECTIONS and OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+            fail(_key_error(key, schema))
+        if "." not in key and top not in groups and top not in EXTRA_TOP_KEYS and top not in schema:
+            fail(f"config: unknown key {key}{_suggest(key, [*groups, *EXTRA_TOP_KEYS, *schema.keys()])}")
+
+
+def _composition_error(err: Exception) -> str:
+    """Hydra's multi-line composition errors as one line with a suggestion."""
+    text = f"{err} {err.__cause__ or ''}"
+    missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing_option:
+        group, option = missing_option.groups()
+        options = config_groups().get(group, [])
+        return f"config: {group}={option} is not an option{_suggest(option, options)} (options: {', '.join(options)})"
+    bad_key = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if bad_key:
+        from cryobench_lab.config import TrainConfig
+
+        return _key_error(bad_key.group(1), OmegaConf.structured(TrainConfig))
+    text = re.sub(r"\s*Config search path:.*", "", text.replace("\n", " ").replace("\t", " "))
+    return f"config: {text} (list valid keys with: python -m cryobench_lab --cfg job)"
+
+
 def check_overrides(argv: list[str]) -> None:
     """Compose the config once before Hydra runs, so a wrong key or group fails in one line.
 
-    Multirun sweeps and Hydra's own flags (``--help``, ``--cfg``) are left to Hydra.
+    Multirun sweeps and Hydra's own flags (``--cfg``, ``--hydra-help``) are left to Hydra.
     """
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra", "output_dir", "-"))]
+    _check_additions(overrides)
     if any(a.startswith("-") for a in argv):
         return
     # output_dir interpolates Hydra's runtime config, which exists only inside a Hydra run
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra", "output_dir"))] + ["output_dir=."]
+    overrides.append("output_dir=.")
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
     except Exception as err:  # Hydra/OmegaConf composition errors carry multi-line messages
-        cause = f": {err.__cause__}" if err.__cause__ is not None else ""
-        text = f"{err}{cause}".replace("\n", " ").replace("\t", " ")
-        fail(f"config: {text} (list valid keys with: python -m cryobench_lab --cfg job)")
+        fail(_composition_error(err))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"config: {', '.join(missing)} must be set, e.g. {missing[0]}=<value>")

@@ -148,11 +148,6 @@ class TrainConfig:
 
 
 def _smoke(full, small, *, _root_):
-    """``${smoke:<full>,<small>}``: ``small`` when the run was started with ``+smoke=true``, else ``full``."""
-    return small if _root_.get("smoke", False) else full
-
-
-def _smoke(full, small, *, _root_):
     """``${smoke:<full>,<small>}``: ``small`` when the run was started with ``+smoke=true`` (which adds the
     top-level key ``smoke``; experiment configs shrink to a CPU run that way), else ``full``."""
     return small if _root_.get("smoke", False) else full
@@ -173,19 +168,9 @@ def _job_dirname(dirname: str) -> str:
     return name if len(name) <= 200 else f"{name[:180]}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
-def _smoke(full, small, *, _root_):
-    """``${smoke:<full>,<small>}``: ``small`` when the run was started with ``+smoke=true`` (which adds the
-    top-level key ``smoke``; experiment configs shrink to a CPU run that way), else ``full``."""
-    return small if _root_.get("smoke", False) else full
-
-
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("smoke"):
         OmegaConf.register_new_resolver("smoke", _smoke)
     if not OmegaConf.has_resolver("job_dirname"):
         OmegaConf.register_new_resolver("job_dirname", _job_dirname)
-    if not OmegaConf.has_resolver("smoke"):
-        OmegaConf.register_new_resolver("smoke", _smoke)
-    if not OmegaConf.has_resolver("smoke"):
-        OmegaConf.register_new_resolver("smoke", _smoke)

@@ -84,11 +84,21 @@ def evaluate_run(
     return payload
 
 
+USAGE = """usage: python -m cryobench_lab.eval run_dir=<run folder> [ckpt=<file.ckpt>] [out=<folder>] [force=true] [key=value ...]
+
+Re-score a finished run from its checkpoint (default: checkpoints/last.ckpt) into <run folder>/eval/ (or out=).
+key=value overrides the run's config, e.g. data.gt_volumes=<folder> or metrics=fast; scoring against data whose
+fingerprint differs from the training data's needs force=true."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    argv = argv if argv is not None else sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "run_dir" not in args:
-        fail("usage: python -m cryobench_lab.eval run_dir=<run folder> [ckpt=<file.ckpt>] [out=<folder>] [force=true] "
-             "[key=value ...]")
+        fail(USAGE.splitlines()[0])
     special = {"run_dir", "ckpt", "out", "force"}
     overrides = [f"{k}={v}" for k, v in args.items() if k not in special]
     try:

@@ -1,0 +1,62 @@
+"""The command line as a new user meets it: typos refused in one line with a suggestion, our own --help and
+--version, and --help on every tool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cryobench_lab import __version__
+
+
+def _cli(*args, module="cryobench_lab"):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_line(proc) -> str:
+    assert proc.returncode != 0, proc.stdout[-500:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("override", ["data.snrr=0.1", "+data.snrr=0.1"])
+def test_misspelt_key_refused_with_suggestion(override):
+    line = _one_line(_cli(override))
+    assert "data.snrr" in line and "`snr`" in line
+    assert "To append" not in line  # Hydra's advice leads to a run at the wrong SNR
+
+
+def test_addition_refused_in_multirun_too():
+    assert "`snr`" in _one_line(_cli("-m", "+data.snrr=0.1,0.2"))
+
+
+def test_misspelt_option_refused_with_suggestion():
+    line = _one_line(_cli("model=hydr"))
+    assert "`hydra`" in line and "search path" not in line.lower()
+
+
+def test_help_is_ours():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    assert "powered by Hydra" not in proc.stdout and "cryobench-lab" in proc.stdout
+    for group in ("data", "model", "trainer", "logger"):
+        assert f"\n  {group} " in proc.stdout
+    assert "_cryobench_common" not in proc.stdout and "_study" not in proc.stdout  # internal configs hidden
+    assert proc.stdout.count("cryobench-lab model=") + proc.stdout.count("cryobench-lab -m") >= 5
+
+
+def test_version_is_the_package_version():
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"cryobench-lab {__version__}"
+
+
+@pytest.mark.parametrize("tool", ["eval", "compare", "leaderboard", "simulate", "make_mask", "wandb_tools"])
+def test_every_tool_has_help(tool):
+    proc = _cli("--help", module=f"cryobench_lab.{tool}")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
