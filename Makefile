@@ -48,6 +48,7 @@ demo: setup
 	$(BIN)/python -m cryobench_lab model=hydra data=tomotwin3
 
 test: setup
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 test-full: setup
@@ -58,7 +59,7 @@ bench: setup
 	$(BIN)/python bench/lazy_memory.py
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache
