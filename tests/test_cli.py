@@ -60,3 +60,34 @@ def test_every_tool_has_help(tool):
     proc = _cli("--help", module=f"cryobench_lab.{tool}")
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["val_adk", "val_assembly", "val_tomotwin3"])
+def test_validation_family_recipes_resolve(name):
+    """Each validation preset composes and its recipe keys are ones the simulator knows (an unknown key would
+    be refused at start-up), and it differs from its reporting preset in seed and more."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cryobench_lab.cli import CONF_DIR
+    from cryobench_lab.config import register_configs
+    from cryobench_lab.data.presets import resolve_recipe
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        data = compose(config_name="train", overrides=[f"data={name}", "output_dir=."]).data
+    overrides = dict(box_size=data.box_size, snr=data.snr, seed=data.sim_seed, n_particles=data.n_particles,
+                     structures=list(data.structures) if data.structures else None)
+    overrides.update(OmegaConf.to_container(data.recipe) if data.recipe is not None else {})
+    recipe = resolve_recipe(data.preset, overrides)
+    reported = resolve_recipe(data.preset)
+    assert recipe["seed"] != reported["seed"]
+    assert sum(recipe[k] != reported[k] for k in reported) >= 2
+
+
+def test_unknown_recipe_key_is_refused():
+    from cryobench_lab.data.presets import resolve_recipe
+    from cryobench_lab.errors import InputError
+
+    with pytest.raises(InputError, match="n_statez"):
+        resolve_recipe("adk", {"n_statez": 3})

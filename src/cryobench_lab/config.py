@@ -29,6 +29,9 @@ class DataConfig:
     n_particles: Optional[int] = None  # per state
     snr: Optional[float] = None
     sim_seed: int = 0
+    # further keys of the preset's simulator recipe (data/presets.py), e.g. {n_states: 13, defocus_range: [..]};
+    # typed Any for the same reason as domains below
+    recipe: Any = None
     cache_dir: Optional[str] = None
     # --- a published benchmark download (layout=cryobench: see io/cryobench.py; data.snr picks images/snr<SNR>)
     layout: Optional[str] = None  # None: preset or user files; cryobench: read data.root in CryoBench's layout

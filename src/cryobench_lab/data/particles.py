@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
@@ -309,6 +310,7 @@ class ParticleDataModule(L.LightningDataModule):
                 box_size=cfg.box_size, n_particles=cfg.n_particles, snr=cfg.snr, seed=cfg.sim_seed,
                 structures=list(cfg.structures) if cfg.structures else None,
             ).items() if v is not None}
+            overrides.update(OmegaConf.to_container(cfg.recipe) if OmegaConf.is_config(cfg.recipe) else (cfg.recipe or {}))
             folder = Path(ensure_dataset(cfg.preset, cache_dir=cfg.cache_dir, overrides=overrides))
             meta = json.loads((folder / "meta.json").read_text())
             files.update(
