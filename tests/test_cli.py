@@ -91,3 +91,15 @@ def test_unknown_recipe_key_is_refused():
 
     with pytest.raises(InputError, match="n_statez"):
         resolve_recipe("adk", {"n_statez": 3})
+
+
+def test_provenance_records_the_hardware(monkeypatch):
+    import torch
+
+    from cryobench_lab.provenance import environment
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    hw = environment()["hardware"]
+    assert hw["cpu_cores_available"] >= 1 and hw["cpu_model"]
+    assert hw["torch_threads"] == torch.get_num_threads()
+    assert hw["env"]["OMP_NUM_THREADS"] == "1"

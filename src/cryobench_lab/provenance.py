@@ -1,7 +1,8 @@
 """What a run folder records so that a result can be traced and re-checked: ``provenance.json``.
 
 - ``versions``: the package version and git commit (``dirty`` when the checkout has uncommitted changes),
-  Python, torch, lightning, wandb and numpy;
+  Python, torch, lightning, wandb and numpy; ``hardware``: CPU model, usable cores, torch's thread settings
+  and the environment variables behind them (a wall time means little without them);
 - ``dataset``: the dataset fingerprint, a SHA-256 over the particle metadata files (star/cs/txt, pose and
   CTF pickles: their bytes) and the particle stacks (name, size in bytes, image count, box); hashing the
   stacks' sizes instead of their pixels keeps it fast on terabyte datasets while still catching a stack
@@ -60,6 +61,40 @@ def environment() -> dict:
         "wandb": _version("wandb"),
         "numpy": _version("numpy"),
         "machine": f"{platform.system()} {platform.machine()}",
+        "hardware": hardware(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def hardware() -> dict:
+    """What a wall time depends on: CPU model, cores this process may use, torch's thread settings and the
+    environment variables that set them, the BLAS/oneDNN build, and the GPU if one is used."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    env = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MALLOC_ARENA_MAX",
+           "LD_PRELOAD", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_cores_available": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "env": {k: os.environ[k] for k in env if k in os.environ},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
