@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
+from cryobench_lab.callbacks.progress import RunLog, RunProgressBar, append_run_log, quiet_library_noise
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
@@ -251,6 +252,7 @@ def run(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(cfg.threads)
+    quiet_library_noise()
     created = not (out_dir / "metrics.json").exists()
     try:
         _check_model_keys(cfg.model)
@@ -284,11 +286,13 @@ def run(cfg: DictConfig) -> dict:
     )
     evaluation.header["config_hash"] = config_hash(cfg)  # what makes metrics.json complete for a sweep
     prepare_ddp_relaunch(out_dir)
+    run_log = RunLog(out_dir / "run.log")
+    shown = [RunProgressBar(run_log)] if cfg.trainer.enable_progress_bar else []
     trainer = L.Trainer(
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
         logger=build_loggers(cfg, out_dir) or False,
-        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard],
+        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard, run_log, *shown],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
@@ -309,7 +313,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _remove_failed_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's bookkeeping."""
-    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log", "provenance.json"} if out_dir.exists() else set()
+    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log", "run.log", "provenance.json"} if out_dir.exists() else set()
     if out_dir.exists() and not leftovers:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -318,3 +322,6 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
     keys = [k for k in ("val/fsc_auc_mean", "val/fsc_auc_std", "val/fsc_res_0.5", "val/ari") if k in metrics]
     summary = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys)
     print(f"[cryobench_lab] {metrics.get('method')}: {summary}\n[cryobench_lab] outputs in {out_dir}", file=sys.stderr)
+    if metrics:
+        append_run_log(out_dir / "run.log", f"{metrics.get('method')}: {summary}")
+        append_run_log(out_dir / "run.log", f"outputs in {out_dir} (all metrics: metrics.json)")
