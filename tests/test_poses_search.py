@@ -22,7 +22,9 @@ from cryobench_lab.physics.lattice import freq_grid_3d
 from cryobench_lab.physics.rotations import axis_angle_to_matrix, geodesic_distance, random_rotations
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import insert_slices, project_volume, volume_spectrum
-from cryobench_lab.poses.search import PoseSearch, SearchConfig, band_points, sample_spectrum, so3_grid
+from cryobench_lab.physics.rotations import so3_grid
+from cryobench_lab.physics.slicing import sample_spectrum
+from cryobench_lab.poses.search import PoseSearch, SearchConfig, band_points
 from cryobench_lab.poses.source import SearchedPoses, build_pose_source
 
 

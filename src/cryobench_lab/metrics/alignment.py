@@ -24,7 +24,8 @@ from cryobench_lab.physics.fft import ifft3_center
 from cryobench_lab.physics.lattice import freq_grid_3d
 from cryobench_lab.physics.rotations import geodesic_distance
 from cryobench_lab.physics.slicing import volume_spectrum
-from cryobench_lab.poses.search import local_rotations, sample_spectrum, so3_grid
+from cryobench_lab.physics.rotations import local_rotations, so3_grid
+from cryobench_lab.physics.slicing import sample_spectrum
 
 #: the mirror z → −z
 FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0]))

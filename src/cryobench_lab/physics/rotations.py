@@ -18,6 +18,8 @@ Representations:
 
 from __future__ import annotations
 
+import math
+
 import roma
 import torch
 
@@ -103,3 +105,28 @@ def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     """
     R1, R2 = torch.broadcast_tensors(R1, R2)
     return torch.rad2deg(roma.rotmat_geodesic_distance(R1, R2))
+
+
+def so3_grid(spacing_deg: float) -> torch.Tensor:
+    """Quasi-uniform rotations of about ``spacing_deg`` spacing → ``(G, 3, 3)`` pose matrices.
+
+    Viewing directions (the third row of R) on a Fibonacci sphere with ``4π / s²`` points, each with
+    ``2π / s`` equally spaced in-plane angles (``s`` in radians): ``G ≈ 8π² / s³`` (4,392 at 15°).
+    """
+    s = math.radians(spacing_deg)
+    n_dirs = max(2, round(4 * math.pi / s**2))
+    n_psi = max(1, round(2 * math.pi / s))
+    i = torch.arange(n_dirs, dtype=torch.float64) + 0.5
+    tilt = torch.rad2deg(torch.acos(1 - 2 * i / n_dirs))
+    rot = torch.rad2deg(torch.remainder(math.pi * (1 + 5**0.5) * i, 2 * math.pi))
+    psi = torch.arange(n_psi, dtype=torch.float64) * (360.0 / n_psi)
+    euler = torch.stack([rot[:, None].expand(-1, n_psi), tilt[:, None].expand(-1, n_psi),
+                         psi[None].expand(n_dirs, -1)], -1).reshape(-1, 3)
+    return euler_to_matrix(euler).float()
+
+
+def local_rotations(step_rad: float) -> torch.Tensor:
+    """The 27 rotations with axis-angle vectors in ``{−1, 0, 1}³ · step_rad`` → ``(27, 3, 3)`` (identity first)."""
+    o = torch.tensor([0.0, -1.0, 1.0])
+    v = torch.stack(torch.meshgrid(o, o, o, indexing="ij"), -1).reshape(-1, 3) * step_rad
+    return axis_angle_to_matrix(v)

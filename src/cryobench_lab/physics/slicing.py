@@ -11,6 +11,7 @@ index ``pad · k + Dv // 2``. Interpolation is trilinear; samples outside the bo
 """
 
 import torch
+import torch.nn.functional as F
 
 from cryobench_lab.physics.fft import fft3_center, ifft2_center
 from cryobench_lab.physics.lattice import grid_2d
@@ -173,3 +174,16 @@ def project_volume(
     if shifts is not None:
         F = phase_shift_2d(F, shifts)
     return ifft2_center(F).real * apix
+
+
+def sample_spectrum(spectrum: torch.Tensor, coords: torch.Tensor, pad: int) -> torch.Tensor:
+    """Trilinear samples of a centred complex spectrum ``(Dv, Dv, Dv)`` at frequencies ``coords (..., 3)``
+    [kx, ky, kz] in cycles per IMAGE box (the spectrum is oversampled ``pad``-fold) → complex ``(...)``.
+    Points outside the box are zero."""
+    Dv = spectrum.shape[-1]
+    pos = coords * pad + Dv // 2  # voxel index along [x, y, z]
+    grid = (pos / (Dv - 1) * 2 - 1).reshape(1, 1, 1, -1, 3)  # grid_sample wants [x, y, z] in [-1, 1]
+    vol = torch.view_as_real(spectrum).permute(3, 0, 1, 2)[None]  # (1, 2, Dv, Dv, Dv) [z, y, x]
+    out = F.grid_sample(vol, grid.to(vol.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(2, -1)
+    return torch.complex(out[0], out[1]).reshape(coords.shape[:-1])

@@ -33,35 +33,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cryobench_lab.physics.lattice import grid_2d
-from cryobench_lab.physics.rotations import axis_angle_to_matrix, euler_to_matrix
-
-
-def so3_grid(spacing_deg: float) -> torch.Tensor:
-    """Quasi-uniform rotations of about ``spacing_deg`` spacing → ``(G, 3, 3)`` pose matrices.
-
-    Viewing directions (the third row of R) on a Fibonacci sphere with ``4π / s²`` points, each with
-    ``2π / s`` equally spaced in-plane angles (``s`` in radians): ``G ≈ 8π² / s³`` (4,392 at 15°).
-    """
-    s = math.radians(spacing_deg)
-    n_dirs = max(2, round(4 * math.pi / s**2))
-    n_psi = max(1, round(2 * math.pi / s))
-    i = torch.arange(n_dirs, dtype=torch.float64) + 0.5
-    tilt = torch.rad2deg(torch.acos(1 - 2 * i / n_dirs))
-    rot = torch.rad2deg(torch.remainder(math.pi * (1 + 5**0.5) * i, 2 * math.pi))
-    psi = torch.arange(n_psi, dtype=torch.float64) * (360.0 / n_psi)
-    euler = torch.stack([rot[:, None].expand(-1, n_psi), tilt[:, None].expand(-1, n_psi),
-                         psi[None].expand(n_dirs, -1)], -1).reshape(-1, 3)
-    return euler_to_matrix(euler).float()
-
-
-def local_rotations(step_rad: float) -> torch.Tensor:
-    """The 27 rotations with axis-angle vectors in ``{−1, 0, 1}³ · step_rad`` → ``(27, 3, 3)`` (identity first)."""
-    o = torch.tensor([0.0, -1.0, 1.0])
-    v = torch.stack(torch.meshgrid(o, o, o, indexing="ij"), -1).reshape(-1, 3) * step_rad
-    return axis_angle_to_matrix(v)
+from cryobench_lab.physics.rotations import local_rotations, so3_grid
+from cryobench_lab.physics.slicing import sample_spectrum
 
 
 def shift_grid(max_shift: float, step: float) -> torch.Tensor:
@@ -84,19 +59,6 @@ def band_points(D: int, radius: float, device=None) -> dict:
     weight = torch.ones(len(iy), device=device)
     weight[(freqs == 0).all(-1)] = 0.5
     return {"iy": iy, "ix": ix, "freqs": freqs, "shell": r2[iy, ix].sqrt().round().long(), "weight": weight}
-
-
-def sample_spectrum(spectrum: torch.Tensor, coords: torch.Tensor, pad: int) -> torch.Tensor:
-    """Trilinear samples of a centred complex spectrum ``(Dv, Dv, Dv)`` at frequencies ``coords (..., 3)``
-    [kx, ky, kz] in cycles per IMAGE box (the spectrum is oversampled ``pad``-fold) → complex ``(...)``.
-    Points outside the box are zero."""
-    Dv = spectrum.shape[-1]
-    pos = coords * pad + Dv // 2  # voxel index along [x, y, z]
-    grid = (pos / (Dv - 1) * 2 - 1).reshape(1, 1, 1, -1, 3)  # grid_sample wants [x, y, z] in [-1, 1]
-    vol = torch.view_as_real(spectrum).permute(3, 0, 1, 2)[None]  # (1, 2, Dv, Dv, Dv) [z, y, x]
-    out = F.grid_sample(vol, grid.to(vol.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = out.reshape(2, -1)
-    return torch.complex(out[0], out[1]).reshape(coords.shape[:-1])
 
 
 def crop_spectrum(spectrum: torch.Tensor, radius: float, pad: int) -> torch.Tensor:

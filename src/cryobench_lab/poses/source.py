@@ -1,6 +1,6 @@
 """Estimated poses as a pose source: per-image pose tables filled by a search, then refined by SGD (pure torch).
 
-A pose source is a module ``forward(batch) -> (rot, trans)`` (models/components/poses.py): ``rot (B, 3, 3)``
+A pose source is a module ``forward(batch) -> (rot, trans)`` (:class:`KnownPoses` below): ``rot (B, 3, 3)``
 or per class ``(B, K, 3, 3)``, ``trans (B, 2)`` px, the re-centring shift of docs/conventions.md.
 :class:`SearchedPoses` keeps a rotation per image and class and a shift per image, and changes them on a
 schedule of training epochs (:class:`PoseSchedule`):
@@ -48,7 +48,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cryobench_lab.models.components.poses import KnownPoses
 from cryobench_lab.physics.backprojection import wiener_solve
 from cryobench_lab.physics.ctf import ctf_from_params
 from cryobench_lab.physics.fft import fft2_center, ifft3_center
@@ -57,6 +56,13 @@ from cryobench_lab.physics.rotations import axis_angle_to_matrix, random_rotatio
 from cryobench_lab.physics.shift import phase_shift_2d
 from cryobench_lab.physics.slicing import insert_slices, volume_spectrum
 from cryobench_lab.poses.search import PoseSearch, SearchConfig
+
+
+class KnownPoses(nn.Module):
+    """The poses the data carries (consensus refinement or simulation)."""
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["rot"], batch["trans"]
 
 
 @dataclass
