@@ -46,6 +46,7 @@ from cryobench_lab.metrics.protocols import GTMASK, MASKED, per_conformation_fsc
 MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
 CLASH_IMAGES = 500  # predicted structures whose clashes are counted (evenly spaced images; O(n_res²) each)
 CLASS_KEYS = ("ari", "nmi", "n_empty_classes")
+SUPPORT_STATES = 200  # ground-truth-support mask: union over at most this many evenly spaced states (Spike-MD has 100,000)
 
 
 @dataclass
@@ -109,7 +110,8 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         mask = _masks(options.fsc_mask, info.gt_volumes, info.mask)
         # A dataset with its own mask is also scored under it (CryoBench's masked FSC): keys *_masked; every
         # dataset with ground truth under the union of the ground-truth supports: keys *_gtmask.
-        variants = {GTMASK: support_mask(info.gt_volumes)}
+        states = np.unique(np.linspace(0, len(info.gt_volumes) - 1, min(len(info.gt_volumes), SUPPORT_STATES)).round().astype(int))
+        variants = {GTMASK: support_mask([info.gt_volumes[s] for s in states])}
         if info.mask is not None and options.fsc_mask != "dataset":
             variants[MASKED] = info.mask
         state_volumes: dict[int, torch.Tensor] = {}
@@ -123,7 +125,7 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         if options.per_conformation:
             conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep, variants=variants)
         result.update(conf)
-        if options.references:
+        if options.references and options.per_conformation:  # one image per state (Spike-MD): no per-state reference
             result.update(reference_scores(datamodule, {"": mask, **{f"_{k}": m for k, m in variants.items()}}))
         if options.per_image_n > 0:
             result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask, variants=variants))

@@ -46,8 +46,8 @@ scored under it (CryoBench's masked variant) and every ``fsc_*`` key is repeated
 ``fsc_res_0.143_masked``, ``fsc_image_auc_mean_masked``, ``fsc_image_auc_std_masked``,
 ``fsc_image_auc_median_masked``.
 
-Every dataset with ground-truth volumes is also scored under one ground-truth-support mask (the union over
-states of each volume thresholded at half its 99.99th percentile, dilated 3 px, 3 px cosine edge): every
+Every dataset with ground-truth volumes is also scored under one ground-truth-support mask (the union over the
+states, at most 200 evenly spaced, of each volume thresholded at half its 99.99th percentile, dilated 3 px, 3 px cosine edge): every
 ``fsc_*`` key again with a ``_gtmask`` suffix. Beside them, ``floor_fsc_auc_{mean,std,median}`` and
 ``oracle_fsc_auc_{mean,std,median}`` (with the same ``_gtmask`` / ``_masked`` variants) score the reference
 reconstructions of callbacks/references.py on the same data: NaN where they cannot be computed (no poses).
