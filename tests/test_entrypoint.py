@@ -60,7 +60,11 @@ def test_backproject_oracle_end_to_end(tiny_dataset, tmp_path):
     from cryobench_lab.metrics.protocols import METRIC_KEYS
 
     reported = {k.split("/", 1)[1] for k in metrics if k.startswith("val/")}
-    assert reported - {"per_state", "per_image", "confusion"} <= set(METRIC_KEYS)
+    assert reported - {"per_state", "per_image", "confusion", "references"} <= set(METRIC_KEYS)
+    # method vs floor vs oracle in the same file: two distinct states, so the labelled reconstruction beats
+    # the consensus of both
+    assert metrics["val/floor_fsc_auc_mean"] < metrics["val/fsc_auc_mean"]
+    assert 0 < metrics["val/oracle_fsc_auc_mean_gtmask"] <= 0.5
     assert (out / "csv" / "metrics.csv").read_text().count("val/fsc_auc_mean") == 1
     assert (out / "config.yaml").exists()
 

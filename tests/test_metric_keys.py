@@ -128,6 +128,20 @@ def test_every_method_writes_the_same_scalar_keys(metrics):
     assert all(k[4:] in METRIC_KEYS or k.startswith("val/dist_corr_") for k in reference), sorted(reference)
 
 
+def test_every_run_reports_the_floor_the_oracle_and_the_ground_truth_mask(metrics):
+    """Method vs floor vs oracle in every metrics.json: the references depend on the data only, so their
+    numbers are identical for every method; the ground-truth-support mask variants exist beside them."""
+    keys = ("val/floor_fsc_auc_mean", "val/oracle_fsc_auc_mean", "val/floor_fsc_auc_mean_gtmask",
+            "val/oracle_fsc_auc_mean_gtmask", "val/fsc_auc_mean_gtmask", "val/fsc_res_0.5_gtmask")
+    for k in keys[:4]:
+        values = {name: m[k] for name, m in metrics.items()}
+        assert len(set(values.values())) == 1 and 0 < values["backproject"] < 0.5, (k, values)
+    for m in metrics.values():
+        assert all(k in m for k in keys)
+    # per state, two states: the consensus is one volume scored against both
+    assert len(metrics["hydra"]["val/references"]["floor"]) == 2
+
+
 def test_absent_values_are_nan_and_present_ones_are_numbers(metrics):
     bp, hydra, seg = metrics["backproject"], metrics["hydra"], metrics["segvae"]
     # no atoms: atom metrics NaN, but the truth's own clash count is a dataset fact, the same for all

@@ -105,6 +105,7 @@ class MetricsConfig:
     figures: bool = True
     # false: skip the per-conformation protocol (Spike-MD: one image per state, so per-image FSC is its metric)
     per_conformation: bool = True
+    references: bool = True  # also score the consensus floor and the oracle beside the method (val/floor_*, val/oracle_*)
 
 
 @dataclass

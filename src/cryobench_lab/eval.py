@@ -76,7 +76,7 @@ def evaluate_run(
         raise InputError(f"{ckpt}: does not fit model={cfg.model.name} on this dataset ({str(err).splitlines()[0]})") from None
     out = out or run_dir / "eval"
     m = cfg.metrics
-    metrics, _ = score_model(model, datamodule, out, ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation))
+    metrics, _ = score_model(model, datamodule, out, ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation, m.references))
     payload = {"method": cfg.model.name, "dataset": cfg.data.name, "checkpoint": str(ckpt), **metrics}
     if mismatch:
         payload["forced_fingerprint_mismatch"] = mismatch

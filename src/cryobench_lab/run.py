@@ -281,7 +281,7 @@ def run(cfg: DictConfig) -> dict:
     guard = ReliabilityCallback(prints, cfg.on_nonfinite)
     m = cfg.metrics
     evaluation = EvaluationCallback(
-        datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation),
+        datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation, m.references),
         eval_every=m.eval_every, header={"dataset": cfg.data.name, "seed": cfg.seed},
     )
     evaluation.header["config_hash"] = config_hash(cfg)  # what makes metrics.json complete for a sweep

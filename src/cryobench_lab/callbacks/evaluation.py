@@ -39,12 +39,14 @@ from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
 from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
-from cryobench_lab.metrics.masks import soft_sphere_mask, volume_mask
-from cryobench_lab.metrics.protocols import MASKED, per_conformation_fsc, per_image_fsc
+from cryobench_lab.callbacks.references import reference_scores
+from cryobench_lab.metrics.masks import soft_sphere_mask, support_mask, volume_mask
+from cryobench_lab.metrics.protocols import GTMASK, MASKED, per_conformation_fsc, per_image_fsc
 
 MONTAGE_MAX = 6  # volumes shown in the montage (evenly spaced states)
 CLASH_IMAGES = 500  # predicted structures whose clashes are counted (evenly spaced images; O(n_res²) each)
 CLASS_KEYS = ("ari", "nmi", "n_empty_classes")
+SUPPORT_STATES = 200  # ground-truth-support mask: union over at most this many evenly spaced states (Spike-MD has 100,000)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ScoreOptions:
     save_volumes: bool = True
     figures: bool = True
     per_conformation: bool = True  # false: per-image FSC only (one image per state, e.g. Spike-MD)
+    references: bool = True  # also score the consensus floor and the oracle (callbacks/references.py)
 
 
 def _masks(option: str, gt: torch.Tensor, dataset_mask: torch.Tensor | None = None):
@@ -105,8 +108,12 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             decode, result["volume_alignment"] = aligned_decoder(decode, assigned, latent, labels, info.gt_volumes)
     if labels is not None and info.gt_volumes is not None:
         mask = _masks(options.fsc_mask, info.gt_volumes, info.mask)
-        # A dataset with its own mask is also scored under it (CryoBench's masked FSC): keys *_masked.
-        variants = {MASKED: info.mask} if info.mask is not None and options.fsc_mask != "dataset" else None
+        # A dataset with its own mask is also scored under it (CryoBench's masked FSC): keys *_masked; every
+        # dataset with ground truth under the union of the ground-truth supports: keys *_gtmask.
+        states = np.unique(np.linspace(0, len(info.gt_volumes) - 1, min(len(info.gt_volumes), SUPPORT_STATES)).round().astype(int))
+        variants = {GTMASK: support_mask([info.gt_volumes[s] for s in states])}
+        if info.mask is not None and options.fsc_mask != "dataset":
+            variants[MASKED] = info.mask
         state_volumes: dict[int, torch.Tensor] = {}
 
         def keep(state: int, vol: torch.Tensor) -> None:
@@ -118,6 +125,8 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         if options.per_conformation:
             conf = per_conformation_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, mask=mask, on_volume=keep, variants=variants)
         result.update(conf)
+        if options.references and options.per_conformation:  # one image per state (Spike-MD): no per-state reference
+            result.update(reference_scores(datamodule, {"": mask, **{f"_{k}": m for k, m in variants.items()}}))
         if options.per_image_n > 0:
             result.update(per_image_fsc(decode, labels, latent, probs, info.gt_volumes, info.apix, n=options.per_image_n, mask=mask, variants=variants))
         if options.figures and conf["per_state"]:
@@ -246,7 +255,7 @@ class EvaluationCallback(L.Callback):
         epoch = trainer.current_epoch + 1
         if self.eval_every and epoch % self.eval_every == 0 and epoch < trainer.max_epochs:
             options = ScoreOptions(self.options.fsc_mask, per_image_n=0, save_volumes=False, figures=False,
-                                   per_conformation=self.options.per_conformation)
+                                   per_conformation=self.options.per_conformation, references=False)
             metrics, _ = score_model(pl_module, self.datamodule, self.out_dir, options)
             for logger in trainer.loggers:
                 logger.log_metrics(scalar_metrics(metrics), step=trainer.global_step)

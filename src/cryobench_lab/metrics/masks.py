@@ -78,6 +78,25 @@ def volume_mask(
             f"volume_mask: no voxel exceeds threshold={threshold:.4g} (volume max {v.max():.4g}); "
             "pass a lower threshold, or check that density is positive (invert)"
         )
+    return _envelope(core, dilate_px, edge_px)
+
+
+def support_mask(volumes, dilate_px: float = 3.0, edge_px: float = 3.0) -> torch.Tensor:
+    """One ground-truth-support mask for all states: the union of the cores of ``volumes`` (S, D, D, D) (each
+    thresholded at its own :func:`default_threshold`), dilated by ``dilate_px`` with a ``edge_px`` cosine
+    edge, as :func:`volume_mask` → (D, D, D) float32. One mask for every state (like CryoBench's single
+    dataset mask), so every state is scored over the same voxels and density a method puts where another
+    state has support is not hidden."""
+    core = None
+    for vol in volumes:
+        v = vol.detach().cpu().numpy() if hasattr(vol, "detach") else np.asarray(vol)
+        core = (v > default_threshold(v)) if core is None else core | (v > default_threshold(v))
+    if core is None or not core.any():
+        raise InputError("support_mask: no ground-truth voxel above threshold; check that density is positive (invert)")
+    return _envelope(core, dilate_px, edge_px)
+
+
+def _envelope(core: np.ndarray, dilate_px: float, edge_px: float) -> torch.Tensor:
     # Distance (px) of every voxel to the nearest core voxel; 0 inside the core.
     distance = torch.from_numpy(ndimage.distance_transform_edt(~core))  # (D, D, D) float64
     return _cosine_edge(distance - dilate_px, edge_px)

@@ -46,6 +46,12 @@ scored under it (CryoBench's masked variant) and every ``fsc_*`` key is repeated
 ``fsc_res_0.143_masked``, ``fsc_image_auc_mean_masked``, ``fsc_image_auc_std_masked``,
 ``fsc_image_auc_median_masked``.
 
+Every dataset with ground-truth volumes is also scored under one ground-truth-support mask (the union over the
+states, at most 200 evenly spaced, of each volume thresholded at half its 99.99th percentile, dilated 3 px, 3 px cosine edge): every
+``fsc_*`` key again with a ``_gtmask`` suffix. Beside them, ``floor_fsc_auc_{mean,std,median}`` and
+``oracle_fsc_auc_{mean,std,median}`` (with the same ``_gtmask`` / ``_masked`` variants) score the reference
+reconstructions of callbacks/references.py on the same data: NaN where they cannot be computed (no poses).
+
 Non-scalar companions written to ``metrics.json``: ``per_state`` (per-state ``state``, ``class``,
 ``image``, ``auc``, ``res_0.5``, ``res_0.143``, ``freq`` cycles/px, ``curve``), ``per_image`` (``image``,
 ``state``, ``class``, ``auc``), ``confusion`` (S × K), ``clashes`` (per structure).
@@ -87,8 +93,22 @@ METRIC_KEYS: dict[str, str] = {
 #: CryoBench reports FSCs unmasked and masked (its ``--mask init_mask/mask.mrc``); a dataset that ships a mask
 #: gets each FSC key again with this suffix, computed from the same decoded volumes under that mask.
 MASKED = "masked"
-METRIC_KEYS.update({f"{k}_{MASKED}": f"{v}, under the dataset's own mask" for k, v in list(METRIC_KEYS.items())
-                    if k.startswith("fsc_")})
+#: Every dataset with ground-truth volumes also gets each FSC key with this suffix, under the union of the
+#: ground-truth supports (metrics/masks.py ``support_mask``), so that an empty solvent is not what wins.
+GTMASK = "gtmask"
+_FSC_KEYS = {k: v for k, v in METRIC_KEYS.items() if k.startswith("fsc_")}
+METRIC_KEYS.update({f"{k}_{MASKED}": f"{v}, under the dataset's own mask" for k, v in _FSC_KEYS.items()})
+METRIC_KEYS.update({f"{k}_{GTMASK}": f"{v}, under the ground-truth-support mask" for k, v in _FSC_KEYS.items()})
+#: Reference reconstructions scored beside every method (callbacks/references.py): ``floor`` (consensus of all
+#: images, no labels) and ``oracle`` (per state, given the truth), per-state FSC-AUC against every state.
+REFERENCE_KEYS = {
+    f"{ref}_fsc_auc_{stat}{suffix}": f"{meaning}, FSC-AUC {stat} over states{where}"
+    for ref, meaning in (("floor", "consensus floor (all images, true poses/CTF, no labels)"),
+                         ("oracle", "oracle given the truth (labels, poses, CTF, per-shell SSNR)"))
+    for stat in ("mean", "std", "median")
+    for suffix, where in (("", ""), (f"_{GTMASK}", ", ground-truth-support mask"), (f"_{MASKED}", ", dataset mask"))
+}
+METRIC_KEYS.update(REFERENCE_KEYS)
 
 DecodeFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
