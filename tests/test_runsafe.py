@@ -91,7 +91,9 @@ def _crash_at(monkeypatch, epoch: int, batch: int) -> None:
 
 
 # ---- item 1: one run per folder; checkpoints carry their run's config --------------------------------------
-def test_busy_run_folder_is_refused_naming_the_holder(finished, tiny_dataset, tmp_path):
+def test_busy_run_folder_is_refused_naming_the_holder(finished, tiny_dataset, tmp_path, capsys):
+    from cryobench_lab.cli import check_overrides
+
     out = _copy(finished, tmp_path)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with open(out / ".lock", "a+") as held:  # another process holds the folder (an OS-level lock)
@@ -101,6 +103,9 @@ def test_busy_run_folder_is_refused_naming_the_holder(finished, tiny_dataset, tm
         held.flush()
         with pytest.raises(InputError, match="in use by otherhost pid 4242") as err:
             _run([*HYDRA_SMALL, *_data(tiny_dataset), "seed=1", "resume=false"], out)
+        with pytest.raises(SystemExit):  # the entry point refuses before Hydra writes into the folder
+            check_overrides(["model=backproject", f"hydra.run.dir={out}"])
+        assert "in use by otherhost pid 4242" in capsys.readouterr().err
     assert "\n" not in str(err.value)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing of the holder's run moved
     _run([*HYDRA_SMALL, *_data(tiny_dataset)], out)  # released: the folder is usable again

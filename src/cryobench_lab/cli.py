@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from cryobench_lab.config import validate
 from cryobench_lab.errors import InputError
+from cryobench_lab.run_folder import check_not_busy
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -41,9 +42,12 @@ def check_overrides(argv: list[str]) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"config: {', '.join(missing)} must be set, e.g. {missing[0]}=<value>")
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
     try:
         validate(cfg)
-        check_run_dir_parent(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), "outputs"))
+        check_run_dir_parent(run_dir or "outputs")
+        if run_dir and "${" not in run_dir:
+            check_not_busy(Path(run_dir))
     except InputError as err:
         fail(str(err))
 

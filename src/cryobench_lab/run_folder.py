@@ -26,8 +26,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import write_json_atomic
 
@@ -41,6 +39,27 @@ _OWN = {LOCK, ".hydra"}
 _UNLISTED_TOP = (LOCK, ".hydra", "wandb", "checkpoints", MARKER, ASIDE_PREFIX)
 
 
+def _busy(out_dir: Path, fd: int) -> InputError:
+    holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+    return InputError(f"run folder {out_dir} is in use by {holder}; wait for that run to end or choose another "
+                      "hydra.run.dir")
+
+
+def check_not_busy(out_dir: Path) -> None:
+    """InputError when a run holds ``out_dir`` now; lets the entry point refuse before Hydra writes its
+    records (``.hydra/``) into the holder's folder. :func:`run_lock` still decides a race."""
+    try:
+        fd = os.open(out_dir / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: no run has held this folder
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(out_dir, fd) from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/.lock`` for the duration of the block; InputError when another process holds it."""
@@ -48,10 +67,9 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        err = _busy(out_dir, fd)
         os.close(fd)
-        raise InputError(f"run folder {out_dir} is in use by {holder}; wait for that run to end or choose another "
-                         "hydra.run.dir") from None
+        raise err from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
@@ -124,6 +142,8 @@ def _epoch_step(path: Path) -> tuple[int, int]:
 
 def load_checkpoint(path: Path) -> dict:
     """The whole checkpoint (every tensor read, so a truncated file fails here, not inside Lightning)."""
+    import torch  # here: the entry point's start-up checks import this module and should stay quick
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
