@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from cryobench_lab.config import validate
 from cryobench_lab.errors import InputError
-from cryobench_lab.run_folder import check_not_busy
+from cryobench_lab.run_folder import check_not_busy, first_process
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -46,7 +46,7 @@ def check_overrides(argv: list[str]) -> None:
     try:
         validate(cfg)
         check_run_dir_parent(run_dir or "outputs")
-        if run_dir and "${" not in run_dir:
+        if run_dir and "${" not in run_dir and first_process():  # DDP children run in the holder's folder
             check_not_busy(Path(run_dir))
     except InputError as err:
         fail(str(err))

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import sys
 import uuid
@@ -30,6 +29,7 @@ from cryobench_lab.provenance import environment, fingerprints
 from cryobench_lab.run_folder import (
     LOCK,
     clear_marker,
+    first_process,
     move_run_aside,
     newest_intact_checkpoint,
     run_lock,
@@ -151,12 +151,6 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
-def _first_process() -> bool:
-    """False in the other processes of a distributed run (Lightning's DDP children, SLURM ranks), which run
-    this module again: only the first one moves checkpoints aside and records provenance."""
-    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
 # Keys that may change between a run and its resume: how data are served, and where the files are (moved
 # files are checked by the dataset and ground-truth fingerprints of provenance.json instead).
 RESUMABLE_CHANGES = {
@@ -186,7 +180,7 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[str, int, int] | 
     """
     ckpt_dir = out_dir / "checkpoints"
     if cfg.resume is False:
-        if _first_process() and (aside := move_run_aside(out_dir)):
+        if first_process() and (aside := move_run_aside(out_dir)):
             print(f"[cryobench_lab] resume=false: the previous run in {out_dir} is now in {aside.name}/", file=sys.stderr)
         return None
     path, ckpt, problems = newest_intact_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else (None, None, [])
@@ -219,7 +213,7 @@ def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> d
     """``provenance.json``: versions, dataset fingerprints (provenance.py) and the W&B run id (a fresh one for a
     fresh run); a resume appends an entry, keeps the W&B run id and is refused when the data changed since the
     run started. Returns the record ({} in the other processes of a distributed run)."""
-    if not _first_process():
+    if not first_process():
         return {}
     path = out_dir / "provenance.json"
     record = {"versions": environment(), **prints, "wandb_run_id": uuid.uuid4().hex[:8], "resumes": []}
@@ -271,7 +265,7 @@ def run(cfg: DictConfig) -> dict:
     except InputError:
         return _input_error(out_dir, created)
     with contextlib.ExitStack() as held:
-        if _first_process():  # DDP ranks > 0 run inside the first process's folder and lock
+        if first_process():  # DDP ranks > 0 run inside the first process's folder and lock
             try:
                 held.enter_context(run_lock(out_dir))
             except InputError as err:
@@ -291,7 +285,7 @@ def _lr_hint(cfg: DictConfig, model) -> str | None:
 
 
 def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
-    if cfg.skip_finished and _first_process() and (aside := set_aside_stale_run(out_dir, cfg)):
+    if cfg.skip_finished and first_process() and (aside := set_aside_stale_run(out_dir, cfg)):
         print(f"[cryobench_lab] {out_dir} held a run of another config; it is now in {aside.name}/", file=sys.stderr)
     if cfg.threads:  # a sweep's parallel jobs share the cores (conf/hydra/launcher/joblib_local.yaml)
         torch.set_num_threads(cfg.threads)
@@ -312,7 +306,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
         record = write_provenance(out_dir, prints, ckpt_path)
     except InputError:
         return _input_error(out_dir, created)
-    if _first_process():
+    if first_process():
         clear_marker(out_dir)  # outputs are about to be rewritten
     with atomic_path(out_dir / "config.yaml") as tmp:
         OmegaConf.save(cfg, tmp, resolve=True)

@@ -39,6 +39,13 @@ _OWN = {LOCK, ".hydra"}
 _UNLISTED_TOP = (LOCK, ".hydra", "wandb", "checkpoints", MARKER, ASIDE_PREFIX)
 
 
+def first_process() -> bool:
+    """False in the other processes of a distributed run (Lightning's DDP children, SLURM ranks), which run
+    the entry point again inside the first process's folder: only the first one locks the folder, moves a
+    previous run aside and records provenance."""
+    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def _busy(out_dir: Path, fd: int) -> InputError:
     holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
     return InputError(f"run folder {out_dir} is in use by {holder}; wait for that run to end or choose another "
