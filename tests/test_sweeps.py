@@ -42,20 +42,25 @@ def test_config_hash_ignores_execution_keys_only():
 
 
 def test_finished_metrics_needs_the_same_config_and_a_complete_file(tmp_path):
+    from cryobench_lab.run_folder import write_marker
+    from cryobench_lab.sweeps import set_aside_stale_run
+
     cfg = OmegaConf.create({"model": {"name": "a"}, "seed": 0})
     assert finished_metrics(tmp_path, cfg) is None
-    (tmp_path / "metrics.json").write_text('{"train/wall_time_s": 1.0, "config_hash": "')  # truncated
-    assert finished_metrics(tmp_path, cfg) is None
     (tmp_path / "metrics.json").write_text(json.dumps({"train/wall_time_s": 1.0, "config_hash": config_hash(cfg)}))
+    assert finished_metrics(tmp_path, cfg) is None  # no completeness marker: killed before the last write
+    write_marker(tmp_path, config_hash(cfg))
     assert finished_metrics(tmp_path, cfg)["train/wall_time_s"] == 1.0
     assert finished_metrics(tmp_path, OmegaConf.merge(cfg, {"seed": 1})) is None
-    # a folder left by another config: its checkpoints are moved aside so the job starts over
+    (tmp_path / "metrics.json").write_text('{"train/wall_time_s": 1.0, "config_hash": "')  # truncated
+    assert finished_metrics(tmp_path, cfg) is None
+    # a folder left by another config: the whole run is moved aside so the job starts over
     OmegaConf.save(cfg, tmp_path / "config.yaml")
     (tmp_path / "checkpoints").mkdir()
-    assert finished_metrics(tmp_path, cfg) is not None and (tmp_path / "checkpoints").is_dir()  # same config: kept
-    assert finished_metrics(tmp_path, OmegaConf.merge(cfg, {"model": {"name": "b"}})) is None
-    assert not (tmp_path / "checkpoints").exists()
-    assert (tmp_path / f"checkpoints.stale-{config_hash(cfg)}").is_dir()
+    assert set_aside_stale_run(tmp_path, cfg) is None and (tmp_path / "checkpoints").is_dir()  # same config: kept
+    aside = set_aside_stale_run(tmp_path, OmegaConf.merge(cfg, {"model": {"name": "b"}}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside.name]
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "complete.json", "config.yaml", "metrics.json"]
 
 
 def _fake_run(folder: Path, method: str, seed: int, n_classes: int, auc: float, ari: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from cryobench_lab.config import validate
+from cryobench_lab.errors import InputError
+from cryobench_lab.run_folder import check_not_busy, first_process
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TYPED_SECTIONS = ("data", "trainer", "logger", "metrics", "poses")  # strict schemas in config.py
@@ -98,3 +103,25 @@ def check_overrides(argv: list[str]) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"config: {', '.join(missing)} must be set, e.g. {missing[0]}=<value>")
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    try:
+        validate(cfg)
+        check_run_dir_parent(run_dir or "outputs")
+        if run_dir and "${" not in run_dir and first_process():  # DDP children run in the holder's folder
+            check_not_busy(Path(run_dir))
+    except InputError as err:
+        fail(str(err))
+
+
+def check_run_dir_parent(run_dir: str) -> None:
+    """InputError when Hydra could not create ``run_dir``: its nearest existing ancestor must be a writable folder.
+
+    Only the part before any ``${...}`` interpolation is examined.
+    """
+    path = Path(run_dir.split("${")[0] or ".").absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise InputError(f"hydra.run.dir={run_dir}: {path} is not a folder; set hydra.run.dir=<a path under a folder>")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"hydra.run.dir={run_dir}: {path} is not writable; set hydra.run.dir=<writable path>")

@@ -36,6 +36,7 @@ import pandas as pd
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_text_atomic
 from cryobench_lab.plots import save_figure
+from cryobench_lab.run_folder import ASIDE_PREFIX
 
 #: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their short labels
 PRIORITY = {
@@ -71,8 +72,10 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         if (p / "metrics.json").is_file():
             runs.append(p)
             continue
-        runs += sorted(m.parent for m in p.rglob("metrics.json") if ".submitit" not in m.parts)
-        failed += sorted(e.parent for e in p.rglob("error.txt") if not (e.parent / "metrics.json").exists())
+        # runs moved aside by a rerun (run_folder.py) are not part of the study
+        current = [m for m in p.rglob("*") if not any(q.startswith(ASIDE_PREFIX) for q in m.relative_to(p).parts)]
+        runs += sorted(m.parent for m in current if m.name == "metrics.json" and ".submitit" not in m.parts)
+        failed += sorted(e.parent for e in current if e.name == "error.txt" and not (e.parent / "metrics.json").exists())
     if not runs:
         raise InputError(f"no metrics.json under {', '.join(map(str, paths))}; pass a sweep folder or run folders "
                          "of finished runs")

@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from cryobench_lab.errors import InputError
+
 
 @dataclass
 class DataConfig:
@@ -149,6 +151,48 @@ class TrainConfig:
     # sweeps (sweeps.py): skip a run whose output_dir holds a complete metrics.json of the same config
     skip_finished: bool = False
     threads: Optional[int] = None  # torch intra-op threads of this run (None: torch's default)
+
+
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _positive_or_null(v) -> bool:
+    return v is None or v >= 1
+
+
+def _not_negative(v) -> bool:
+    return v >= 0
+
+
+# Ranges the types cannot express: (dotted key, test, what the value must be). Checked at start-up, before a run
+# folder exists; Lightning would run forever at trainer.max_epochs=-1 and fail deep inside at batch_size=0.
+VALUE_CHECKS = (
+    ("data.batch_size", _positive, "a positive integer (images per batch)"),
+    ("data.n_particles", _positive_or_null, "a positive integer (images per state) or null"),
+    ("data.chunk_size", _positive, "a positive integer"),
+    ("data.shuffle_window", _positive, "a positive integer"),
+    ("data.num_workers", _not_negative, "0 or more"),
+    ("data.memory_cap_gb", lambda v: v > 0, "a positive number (GB)"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("trainer.max_epochs", _positive_or_null, "a positive integer or null (the model's own default)"),
+    ("trainer.num_nodes", _positive, "a positive integer"),
+    ("trainer.log_every_n_steps", _positive, "a positive integer"),
+    ("metrics.eval_every", _not_negative, "0 (only at the end) or a positive integer"),
+    ("metrics.per_image_n", _not_negative, "0 (skip) or a positive integer"),
+    ("threads", _positive_or_null, "a positive integer or null"),
+)
+
+
+def validate(cfg) -> None:
+    """InputError naming the first value of :data:`VALUE_CHECKS` that is out of range."""
+    defaults = OmegaConf.structured(TrainConfig)
+    for key, ok, what in VALUE_CHECKS:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            default = OmegaConf.select(defaults, key, default=None)
+            example = f", e.g. {key}={default}" if default is not None else ""
+            raise InputError(f"{key}={value}: must be {what}{example}")
 
 
 def _smoke(full, small, *, _root_):

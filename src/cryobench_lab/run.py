@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
-import os
 import shutil
 import sys
-import time
+import uuid
 from pathlib import Path
 
 import hydra
@@ -20,16 +21,28 @@ from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
 from cryobench_lab.callbacks.progress import RunLog, RunProgressBar, append_run_log, quiet_library_noise
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
+from cryobench_lab.config import validate
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_json_atomic
+from cryobench_lab.loggers import build_loggers, rows_before
 from cryobench_lab.provenance import environment, fingerprints
+from cryobench_lab.run_folder import (
+    LOCK,
+    clear_marker,
+    first_process,
+    move_run_aside,
+    newest_intact_checkpoint,
+    run_lock,
+    write_marker,
+)
 from cryobench_lab.sweeps import (
     config_hash,
     finished_metrics,
     in_multirun,
     prepare_ddp_relaunch,
     record_failure,
+    set_aside_stale_run,
 )
 from cryobench_lab.wandb_tools import finish_wandb
 
@@ -139,12 +152,6 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
-def _first_process() -> bool:
-    """False in the other processes of a distributed run (Lightning's DDP children, SLURM ranks), which run
-    this module again: only the first one moves checkpoints aside and records provenance."""
-    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
 # Keys that may change between a run and its resume: how data are served, and where the files are (moved
 # files are checked by the dataset and ground-truth fingerprints of provenance.json instead).
 RESUMABLE_CHANGES = {
@@ -153,42 +160,64 @@ RESUMABLE_CHANGES = {
 }
 
 
-def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
-    """The checkpoint to continue from (``checkpoints/last.ckpt``) or None; see ``TrainConfig.resume``.
+def run_identity(cfg: DictConfig) -> dict:
+    """The config values a resume must share with the run it continues: data, model and seed, except
+    :data:`RESUMABLE_CHANGES` (flat dotted keys, resolved). Every checkpoint carries them (``run_config``)."""
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in now.items() if k.split(".")[0] in ("data", "model", "seed") and k not in RESUMABLE_CHANGES}
 
-    A checkpoint of a run with other data, model or seed is refused; ``resume=false`` moves old checkpoints
-    aside (``checkpoints.replaced-<time>``) rather than deleting them.
+
+def _refuse_other_run(where: str, key: str, old, new) -> None:
+    raise InputError(f"{where} with {key}={old} (now {new}); resume with the same data, model and seed, or pass "
+                     "resume=false to start over (the old run is moved aside)")
+
+
+def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[str, int, int] | None:
+    """(path, epoch, global step) of the checkpoint to continue from, or None; see ``TrainConfig.resume``.
+
+    ``checkpoints/last.ckpt``, or when it is unreadable the newest intact epoch checkpoint (reported on stderr).
+    A folder whose ``config.yaml`` or checkpoint belongs to a run with other data, model or seed is refused;
+    ``resume=false`` moves the whole previous run aside (``replaced-<time>/``) rather than deleting it.
     """
     ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
     if cfg.resume is False:
-        if ckpt_dir.exists() and _first_process():
-            ckpt_dir.rename(out_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        if first_process() and (aside := move_run_aside(out_dir)):
+            print(f"[cryobench_lab] resume=false: the previous run in {out_dir} is now in {aside.name}/", file=sys.stderr)
         return None
-    if not last.is_file():
+    path, ckpt, problems = newest_intact_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else (None, None, [])
+    if path is None:
+        if problems:
+            raise InputError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}); pass resume=false to start "
+                             "over (the old run is moved aside)")
         if cfg.resume:
-            raise InputError(f"resume=true but {last} does not exist; pass hydra.run.dir=<the folder of the run "
-                             "to resume>")
+            raise InputError(f"resume=true but {ckpt_dir / 'last.ckpt'} does not exist; pass hydra.run.dir=<the folder "
+                             "of the run to resume>")
         return None
+    if problems:
+        print(f"[cryobench_lab] {'; '.join(problems)}; resuming from {path}, the newest intact checkpoint", file=sys.stderr)
+    now = run_identity(cfg)
     stored_path = out_dir / "config.yaml"
     if stored_path.is_file():
-        stored = _flat(OmegaConf.to_container(OmegaConf.load(stored_path)))
-        now = _flat(OmegaConf.to_container(cfg, resolve=True))
+        stored = run_identity(OmegaConf.load(stored_path))
         for key in sorted(set(stored) | set(now)):
-            compared = key.split(".")[0] in ("data", "model", "seed") and key not in RESUMABLE_CHANGES
-            if compared and stored.get(key) != now.get(key):
-                raise InputError(f"{out_dir} holds a run with {key}={stored.get(key)} (now {now.get(key)}); "
-                                 "resume with the same data, model and seed, or pass resume=false to start over")
-    return str(last)
+            if stored.get(key) != now.get(key):
+                _refuse_other_run(f"{out_dir} holds a run", key, stored.get(key), now.get(key))
+    trained = (ckpt.get("cryobench_lab") or {}).get("run_config")
+    if trained is not None:  # config.yaml may be another run's (written by a run that raced this one)
+        for key in sorted(set(trained) | set(now)):
+            if trained.get(key) != now.get(key):
+                _refuse_other_run(f"{path} was written by a run", key, trained.get(key), now.get(key))
+    return str(path), int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0))
 
 
-def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> None:
-    """``provenance.json``: versions and dataset fingerprints (provenance.py); a resume appends an entry and
-    is refused when the data changed since the run started."""
-    if not _first_process():
-        return
+def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> dict:
+    """``provenance.json``: versions, dataset fingerprints (provenance.py) and the W&B run id (a fresh one for a
+    fresh run); a resume appends an entry, keeps the W&B run id and is refused when the data changed since the
+    run started. Returns the record ({} in the other processes of a distributed run)."""
+    if not first_process():
+        return {}
     path = out_dir / "provenance.json"
-    record = {"versions": environment(), **prints, "resumes": []}
+    record = {"versions": environment(), **prints, "wandb_run_id": uuid.uuid4().hex[:8], "resumes": []}
     if resumed_from and path.is_file():
         record = json.loads(path.read_text())
         for key in ("dataset", "ground_truth"):
@@ -197,88 +226,96 @@ def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> N
                                  "run started with (provenance.json); resume on the same files or pass "
                                  "resume=false to start over")
         record.setdefault("resumes", []).append({"checkpoint": resumed_from, "versions": environment()})
+        record.setdefault("wandb_run_id", uuid.uuid4().hex[:8])  # a run started before ids were recorded
     write_json_atomic(path, record)
-
-
-def wandb_mode() -> str:
-    """'online' only when the user chose it or is logged in; the run never asks for an account."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
-
-
-def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
-    loggers = []
-    for backend in cfg.logger.backends:
-        if backend == "csv":
-            from lightning.pytorch.loggers import CSVLogger
-
-            loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
-        elif backend == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(WandbLogger(
-                project=cfg.logger.project, group=cfg.logger.group, tags=list(cfg.logger.tags),
-                save_dir=str(out_dir), mode=wandb_mode(),
-                name=f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            ))
-        else:
-            raise InputError(f"logger.backends: {backend!r} is unknown; use wandb and/or csv (logger=wandb|csv|none)")
-    return loggers
+    return record
 
 
 def _trainer_kwargs(cfg: DictConfig, default_epochs: int) -> dict:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    t["max_epochs"] = t["max_epochs"] or default_epochs
+    if t["max_epochs"] is None:
+        t["max_epochs"] = default_epochs
     if t["limit_train_batches"] is None:
         del t["limit_train_batches"]
     return t
 
 
+def _input_error(out_dir: Path, created: bool) -> dict:
+    """After an InputError before training: no partial run folder; in a sweep, record it and go on."""
+    if created:  # no partial run folder for a run that never started
+        _remove_failed_run(out_dir)
+    if in_multirun():  # one job that cannot run does not stop the sweep (sweeps.py)
+        record_failure(out_dir, str(sys.exc_info()[1]))
+        return {}
+    raise  # the InputError being handled by the caller
+
+
 def run(cfg: DictConfig) -> dict:
-    """Train and evaluate one configuration; returns the metrics written to ``metrics.json``."""
+    """Train and evaluate one configuration; returns the metrics written to ``metrics.json``.
+
+    The run holds the folder's lock throughout (run_folder.py); its last write is ``complete.json``.
+    """
     out_dir = Path(cfg.output_dir)
     if cfg.skip_finished and (done := finished_metrics(out_dir, cfg)) is not None:
-        print(f"[cryobench_lab] skipped: {out_dir}/metrics.json is complete for this config", file=sys.stderr)
+        print(f"[cryobench_lab] skipped: {out_dir} is complete for this config (complete.json)", file=sys.stderr)
         return done
-    if cfg.threads:  # a sweep's parallel jobs share the cores (conf/hydra/launcher/joblib_local.yaml)
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     quiet_library_noise()
     created = not (out_dir / "metrics.json").exists()
+    try:
+        validate(cfg)
+        _check_writable(out_dir)
+    except InputError:
+        return _input_error(out_dir, created)
+    with contextlib.ExitStack() as held:
+        if first_process():  # DDP ranks > 0 run inside the first process's folder and lock
+            try:
+                held.enter_context(run_lock(out_dir))
+            except InputError as err:
+                if not in_multirun():
+                    raise
+                print(f"error: {err} (sweep continues)", file=sys.stderr)  # the holder runs this job
+                return {}
+        return _run_locked(cfg, out_dir, created)
+
+
+def _lr_hint(cfg: DictConfig, model) -> str | None:
+    """The override that divides the model's learning rate by 10 (None: the model has no ``lr``)."""
+    lr = getattr(model, "hparams", {}).get("lr")
+    if not isinstance(lr, (int, float)):
+        return None
+    return f"{'' if 'lr' in cfg.model else '+'}model.lr={lr / 10:g}"
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
+    if cfg.skip_finished and first_process() and (aside := set_aside_stale_run(out_dir, cfg)):
+        print(f"[cryobench_lab] {out_dir} held a run of another config; it is now in {aside.name}/", file=sys.stderr)
+    if cfg.threads:  # a sweep's parallel jobs share the cores (conf/hydra/launcher/joblib_local.yaml)
+        torch.set_num_threads(cfg.threads)
     try:
         _check_model_keys(cfg.model)
         if cfg.on_nonfinite not in NONFINITE_MODES:
             raise InputError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; use stop or skip")
         check_devices(cfg.trainer)
         check_inputs_not_empty(cfg.data)
-        _check_writable(out_dir)
-        ckpt_path = resume_checkpoint(cfg, out_dir)
+        resume = resume_checkpoint(cfg, out_dir)
+        ckpt_path = resume[0] if resume else None
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = ParticleDataModule(cfg.data, seed=cfg.seed)
         datamodule.setup()
         model = build_model(cfg, datamodule.info)
         check_space(out_dir, model, datamodule.info)
         prints = fingerprints(datamodule)
-        write_provenance(out_dir, prints, ckpt_path)
+        record = write_provenance(out_dir, prints, ckpt_path)
     except InputError:
-        if created:  # no partial run folder for a run that never started
-            _remove_failed_run(out_dir)
-        if in_multirun():  # one job that cannot run does not stop the sweep (sweeps.py)
-            record_failure(out_dir, str(sys.exc_info()[1]))
-            return {}
-        raise
+        return _input_error(out_dir, created)
+    if first_process():
+        clear_marker(out_dir)  # outputs are about to be rewritten
     with atomic_path(out_dir / "config.yaml") as tmp:
         OmegaConf.save(cfg, tmp, resolve=True)
-    guard = ReliabilityCallback(prints, cfg.on_nonfinite)
+    identity = run_identity(cfg)
+    run_hash = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    guard = ReliabilityCallback({**prints, "run_config": identity, "run_hash": run_hash}, cfg.on_nonfinite,
+                                lr_hint=_lr_hint(cfg, model))
     m = cfg.metrics
     evaluation = EvaluationCallback(
         datamodule, str(out_dir), ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation, m.references),
@@ -286,12 +323,13 @@ def run(cfg: DictConfig) -> dict:
     )
     evaluation.header["config_hash"] = config_hash(cfg)  # what makes metrics.json complete for a sweep
     prepare_ddp_relaunch(out_dir)
+    keep = rows_before(resume[1], resume[2]) if resume else None
     run_log = RunLog(out_dir / "run.log")
     shown = [RunProgressBar(run_log)] if cfg.trainer.enable_progress_bar else []
     trainer = L.Trainer(
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
-        logger=build_loggers(cfg, out_dir) or False,
+        logger=build_loggers(cfg, out_dir, keep=keep, wandb_id=record.get("wandb_run_id")) or False,
         callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard, run_log, *shown],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
@@ -308,12 +346,15 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(out_dir / "metrics.json", evaluation.metrics)
     _print_summary(evaluation.metrics, out_dir)
     finish_wandb()  # the next job of a sweep gets its own W&B run (wandb_tools.py)
+    if evaluation.metrics:
+        write_marker(out_dir, config_hash(cfg))  # last: every output (the model's classes/ too) is written
     return evaluation.metrics
 
 
 def _remove_failed_run(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's bookkeeping."""
-    leftovers = {p.name for p in out_dir.iterdir()} - {".hydra", "main.log", "__main__.log", "run.log", "provenance.json"} if out_dir.exists() else set()
+    bookkeeping = {".hydra", "main.log", "__main__.log", "run.log", "provenance.json", LOCK}
+    leftovers = {p.name for p in out_dir.iterdir()} - bookkeeping if out_dir.exists() else set()
     if out_dir.exists() and not leftovers:
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -3,16 +3,17 @@
 A study is one config in ``conf/sweep/`` (``python -m cryobench_lab -m +sweep=<study>``). Its sweep folder
 is ``${sweep_root}/<study>`` and each job's folder is named by its own overrides (Hydra's
 ``override_dirname``, e.g. ``data.snr=0.1,model=segvae,seed=0``), so re-running the same command maps every
-job to the same folder. A job whose folder holds a *complete* ``metrics.json`` is skipped:
+job to the same folder. A job whose folder holds a *complete* run is skipped:
 
-- complete = the file parses, carries ``train/wall_time_s`` (written after training, by one atomic rename:
-  callbacks/evaluation.py ``write_json_atomic``) and the ``config_hash`` of the job's current config;
+- complete = ``complete.json``, written last (run_folder.py), carries the ``config_hash`` of the job's current
+  config and lists every output, each still there with its size; and ``metrics.json`` parses and carries
+  ``train/wall_time_s`` and the same ``config_hash``;
 - ``config_hash`` is a SHA-1 of the resolved config without the keys in :data:`EXECUTION_KEYS` (where the run
   writes, how many threads, progress bars, loggers): changing a method's or dataset's parameter re-runs the
   job, changing how it is executed does not.
 
-A killed sweep therefore keeps every finished run (their ``metrics.json`` is final) and re-running the same
-command finishes the rest. A job that fails with an :class:`~cryobench_lab.errors.InputError` (a method that
+A killed sweep therefore keeps every finished run and re-running the same command finishes the rest (a job
+killed while writing its outputs has no ``complete.json`` and continues from its checkpoint). A job that fails with an :class:`~cryobench_lab.errors.InputError` (a method that
 cannot run on a dataset, say) writes ``error.txt`` into its folder and the sweep goes on; ``compare`` lists it.
 """
 
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks import distributed  # noqa: F401  registers strategy ddp_cryobench (conf/trainer/ddp.yaml)
 from cryobench_lab.io.atomic import write_text_atomic
+from cryobench_lab.run_folder import marked_complete, move_run_aside
 
 #: config keys that change how a run executes but not what it computes (dotted paths)
 EXECUTION_KEYS = (
@@ -52,24 +54,25 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def finished_metrics(out_dir: Path, cfg: DictConfig) -> dict | None:
-    """The run's metrics when ``out_dir/metrics.json`` is complete for this config, else None.
-
-    When the folder holds a run of *another* config (the study's file changed since), its checkpoints are
-    moved aside (``checkpoints.stale-<hash>``) so that the job starts over instead of resuming them.
-    """
+    """The run's metrics when ``out_dir`` holds a complete run of this config (see the module doc), else None."""
     out_dir = Path(out_dir)
     current = config_hash(cfg)
+    if not marked_complete(out_dir, current):
+        return None
     try:
         metrics = json.loads((out_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        metrics = {}
-    if "train/wall_time_s" in metrics and metrics.get("config_hash") == current:
-        return metrics
-    stored = out_dir / "config.yaml"
-    if stored.is_file() and (out_dir / "checkpoints").is_dir():
-        old = config_hash(OmegaConf.load(stored))
-        if old != current:
-            (out_dir / "checkpoints").rename(out_dir / f"checkpoints.stale-{old}")
+        return None
+    return metrics if "train/wall_time_s" in metrics and metrics.get("config_hash") == current else None
+
+
+def set_aside_stale_run(out_dir: Path, cfg: DictConfig) -> Path | None:
+    """When ``out_dir`` holds a run of *another* config (the study's file changed since), move that whole run
+    aside (``replaced-<time>/``, run_folder.py) so that the job starts over instead of resuming or mixing with
+    it; returns where it went, or None."""
+    stored = Path(out_dir) / "config.yaml"
+    if stored.is_file() and config_hash(OmegaConf.load(stored)) != config_hash(cfg):
+        return move_run_aside(Path(out_dir))
     return None
 
 

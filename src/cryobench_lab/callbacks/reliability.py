@@ -68,10 +68,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ReliabilityCallback(L.Callback):
     """Random states and fingerprints in checkpoints; NaN/Inf guard on gradients and losses."""
 
-    def __init__(self, fingerprints: dict | None = None, on_nonfinite: str = "stop", max_skipped: int = 100):
+    def __init__(self, fingerprints: dict | None = None, on_nonfinite: str = "stop", max_skipped: int = 100,
+                 lr_hint: str | None = None):
+        """``fingerprints``: stored in every checkpoint; ``lr_hint``: the override of a lower learning rate
+        (``model.lr=1e-05``) suggested when the run stops."""
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         self.fingerprints = fingerprints or {}
+        self.lr_hint = lr_hint
         self.mode = on_nonfinite
         self.max_skipped = max_skipped
         self.skipped_steps = 0
@@ -100,10 +104,18 @@ class ReliabilityCallback(L.Callback):
     def _stop(self, trainer, what: str) -> None:
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         last = ckpt or "none (no epoch finished yet)"
+        # Commands that the resume check accepts: a changed learning rate is not a resumable change (the
+        # optimiser state restored from the checkpoint would bring the old rate back anyway), so it starts over.
+        advice = []
+        if self.mode == "stop":
+            advice.append(f"to go on {'from it ' if ckpt else ''}skipping such steps rerun with "
+                          f"`{'resume=true ' if ckpt else ''}on_nonfinite=skip`")
+        if self.lr_hint:
+            advice.append(f"to start over with a lower learning rate (this run is moved aside) rerun with "
+                          f"`{self.lr_hint} resume=false`")
         raise TrainingError(
             f"{what} at {self._where(trainer)}; training stopped, nothing written from the diverged weights; "
-            f"last finite checkpoint: {last}; lower the learning rate and rerun with resume=true, or set "
-            "on_nonfinite=skip"
+            f"last finite checkpoint: {last}" + "".join(f"; {a}" for a in advice)
         )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
