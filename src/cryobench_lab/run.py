@@ -22,7 +22,7 @@ from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpoin
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_json_atomic
-from cryobench_lab.provenance import environment, fingerprints
+from cryobench_lab.provenance import environment, fingerprints, ground_truth_pairing
 from cryobench_lab.sweeps import (
     config_hash,
     finished_metrics,
@@ -181,13 +181,13 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     return str(last)
 
 
-def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> None:
+def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None, pairing: dict | None = None) -> None:
     """``provenance.json``: versions and dataset fingerprints (provenance.py); a resume appends an entry and
     is refused when the data changed since the run started."""
     if not _first_process():
         return
     path = out_dir / "provenance.json"
-    record = {"versions": environment(), **prints, "resumes": []}
+    record = {"versions": environment(), **prints, "ground_truth_pairing": pairing, "resumes": []}
     if resumed_from and path.is_file():
         record = json.loads(path.read_text())
         for key in ("dataset", "ground_truth"):
@@ -266,7 +266,7 @@ def run(cfg: DictConfig) -> dict:
         model = build_model(cfg, datamodule.info)
         check_space(out_dir, model, datamodule.info)
         prints = fingerprints(datamodule)
-        write_provenance(out_dir, prints, ckpt_path)
+        write_provenance(out_dir, prints, ckpt_path, ground_truth_pairing(datamodule.info))
     except InputError:
         if created:  # no partial run folder for a run that never started
             _remove_failed_run(out_dir)
