@@ -227,7 +227,8 @@ def test_ctf_none_drops_the_files_ctf(tiny_dataset):
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("cryobench_lab")]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("cryobench_lab")]
 
 
 def test_correct_data_raises_no_warning(tiny_dataset, caplog):

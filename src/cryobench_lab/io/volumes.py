@@ -46,8 +46,8 @@ def order_by_state_number(files: list[Path], where: str) -> list[Path]:
         raise InputError(f"{where}: volume names {files[0].name} and {files[1].name} differ only in zero padding "
                          f"(or in no number), so their states are ambiguous; {fix}")
     if len(varying) > 1:
-        raise InputError(f"{where}: several numbers differ between volume names ({files[0].name}, {files[1].name}), "
-                         f"so their states are ambiguous; {fix}")
+        raise InputError(f"{where}: several numbers differ between volume names ({files[0].name}, "
+                         f"{files[1].name}), so their states are ambiguous; {fix}")
     state = {f: row[varying[0]] for f, row in zip(files, numbers)}
     ordered = sorted(files, key=state.get)
     for prev, f in zip(ordered, ordered[1:]):
@@ -86,9 +86,9 @@ def check_volume_grids(files: list, D0: int, apix: float, D: int, same_field_of_
             if not _agree(box * vol_apix, extent):
                 hint = (f"crop or pad it in real space to {D0} px" if _agree(vol_apix, apix) else
                         f"resample it to {D0} px at {apix:g} Å")
-                raise InputError(f"{f}: ground-truth volume is {box} px at {vol_apix:g} Å ({box * vol_apix:g} Å "
-                                 f"across) but the particles are {D0} px at {apix:g} Å ({extent:g} Å across), so it "
-                                 f"cannot be scored against them; {hint}, or fix the header's voxel size")
+                raise InputError(f"{f}: ground-truth volume is {box} px at {vol_apix:g} Å ({box * vol_apix:g} "
+                                 f"Å across) but the particles are {D0} px at {apix:g} Å ({extent:g} Å across), so "
+                                 f"it cannot be scored against them; {hint}, or fix the header's voxel size")
         elif box != D0 and not same_field_of_view:
             raise InputError(f"{f}: ground-truth volume is {box} px with no voxel size in its header (says "
                              f"{vol_apix:g} Å) while the particles are {D0} px at {apix:g} Å, so its scale is "
