@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cryobench_lab.config import DataConfig
-from cryobench_lab.data.particles import ParticleDataModule, VolumeFiles, _load_gt_volumes
+from cryobench_lab.data.ground_truth import VolumeFiles, load_gt_volumes
+from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.cryobench import STORED_GRID_FACTOR, load_cryobench, write_cryobench_layout
 from cryobench_lab.io.pickles import load_ctf, load_pickle, save_ctf, save_pickle
@@ -138,8 +139,8 @@ def test_published_vols_folder_serves_downsampled_stacks_and_a_wrong_mask_box_fa
 
 def test_gt_volumes_beyond_the_memory_cap_are_read_on_access(replica):
     files = sorted((replica / "vols" / f"{D}_org").glob("*.mrc"))
-    eager = _load_gt_volumes([str(f) for f in files], N_STATES, 16)
-    lazy = _load_gt_volumes([str(f) for f in files], N_STATES, 16, memory_cap_gb=1e-9)
+    eager = load_gt_volumes([str(f) for f in files], N_STATES, 16)
+    lazy = load_gt_volumes([str(f) for f in files], N_STATES, 16, memory_cap_gb=1e-9)
     assert isinstance(lazy, VolumeFiles) and lazy.shape == tuple(eager.shape) and len(lazy) == N_STATES
     assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
 

@@ -41,9 +41,11 @@ class DataConfig:
     # --- user data
     particles: Optional[str] = None  # .star, .cs, .txt or .mrcs
     poses: Optional[str] = None  # cryoDRGN poses pickle (overrides the star/cs poses)
-    ctf: Optional[str] = None  # cryoDRGN CTF pickle (overrides the star/cs CTF)
+    # None: the star/cs CTF (particles without one are refused); a cryoDRGN CTF pickle overrides it;
+    # "none": the images have no CTF (CTF = 1), whatever the files say
+    ctf: Optional[str] = None
     labels: Optional[str] = None  # .npy or .pkl, one integer label per particle
-    gt_volumes: Optional[str] = None  # folder of .mrc files in label order
+    gt_volumes: Optional[str] = None  # folder of .mrc files, one per state, paired by the number in their names
     structure: Optional[str] = None  # base atomic model for atom-based methods
     gt_structures: Optional[str] = None  # folder of per-state atomic models (state_XXX.cif/.pdb) in label order
     # residue groups of the atom metrics: {name: [first, last] residue number}; the rest is CORE. None: the

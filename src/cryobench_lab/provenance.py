@@ -8,7 +8,8 @@
   stacks' sizes instead of their pixels keeps it fast on terabyte datasets while still catching a stack
   that was swapped for another extraction;
 - ``ground_truth``: the number of states and a SHA-256 over the labels and the ground-truth volumes as the
-  run uses them (after cropping to the training box).
+  run uses them (after cropping to the training box);
+- ``ground_truth_pairing`` (provenance.json only): the volume file each state was scored against.
 
 The same fingerprints go into every checkpoint (``callbacks/reliability.py``); ``python -m
 cryobench_lab.eval`` refuses to score a checkpoint against data whose fingerprints differ unless
@@ -111,7 +112,9 @@ def dataset_fingerprint(datamodule) -> str:
     for key in ("particles", "poses", "ctf"):
         path = files.get(key)
         h.update(f"\n{key}:".encode())
-        if path and Path(path).suffix.lower() not in STACK_SUFFIXES:
+        if key == "ctf" and path == "none":  # data.ctf=none: the file's CTF is not used
+            h.update(b"none")
+        elif path and Path(path).suffix.lower() not in STACK_SUFFIXES:
             _hash_file(h, Path(path))
     images = datamodule.dataset.meta.images
     for f in images.files:
@@ -135,6 +138,18 @@ def ground_truth_fingerprint(info) -> dict:
         for f in map(Path, gt.files):
             h.update(f"\n{f.name}:{f.stat().st_size}".encode())
     return {"n_states": info.n_states, "sha256": h.hexdigest()}
+
+
+def ground_truth_pairing(info) -> dict | None:
+    """``{"folder": ..., "volumes": {"<state>": "<file relative to folder>"}}`` of a DatasetInfo, or None
+    without ground-truth volumes."""
+    if not info.gt_volume_files:
+        return None
+    folder = Path(info.gt_volume_files[0]).parent
+    names = {}
+    for state, f in enumerate(map(Path, info.gt_volume_files)):
+        names[str(state)] = str(f.relative_to(folder)) if f.parent == folder else str(f)
+    return {"folder": str(folder), "volumes": names}
 
 
 def fingerprints(datamodule) -> dict:

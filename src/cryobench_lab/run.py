@@ -26,7 +26,7 @@ from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_json_atomic
 from cryobench_lab.loggers import build_loggers, rows_before
-from cryobench_lab.provenance import environment, fingerprints
+from cryobench_lab.provenance import environment, fingerprints, ground_truth_pairing
 from cryobench_lab.run_folder import (
     LOCK,
     clear_marker,
@@ -210,14 +210,16 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[str, int, int] | 
     return str(path), int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0))
 
 
-def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None) -> dict:
-    """``provenance.json``: versions, dataset fingerprints (provenance.py) and the W&B run id (a fresh one for a
-    fresh run); a resume appends an entry, keeps the W&B run id and is refused when the data changed since the
-    run started. Returns the record ({} in the other processes of a distributed run)."""
+def write_provenance(out_dir: Path, prints: dict, resumed_from: str | None, pairing: dict | None = None) -> dict:
+    """``provenance.json``: versions, dataset fingerprints (provenance.py), the volume file of each state
+    (``ground_truth_pairing``) and the W&B run id (a fresh one for a fresh run); a resume appends an entry,
+    keeps the W&B run id and is refused when the data changed since the run started. Returns the record ({}
+    in the other processes of a distributed run)."""
     if not first_process():
         return {}
     path = out_dir / "provenance.json"
-    record = {"versions": environment(), **prints, "wandb_run_id": uuid.uuid4().hex[:8], "resumes": []}
+    record = {"versions": environment(), **prints, "ground_truth_pairing": pairing,
+              "wandb_run_id": uuid.uuid4().hex[:8], "resumes": []}
     if resumed_from and path.is_file():
         record = json.loads(path.read_text())
         for key in ("dataset", "ground_truth"):
@@ -305,7 +307,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
         model = build_model(cfg, datamodule.info)
         check_space(out_dir, model, datamodule.info)
         prints = fingerprints(datamodule)
-        record = write_provenance(out_dir, prints, ckpt_path)
+        record = write_provenance(out_dir, prints, ckpt_path, ground_truth_pairing(datamodule.info))
     except InputError:
         return _input_error(out_dir, created)
     if first_process():

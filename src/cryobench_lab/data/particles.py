@@ -20,6 +20,7 @@ Lazy and in-memory modes give identical batches: both run the same ``_prepare`` 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,13 +32,16 @@ from omegaconf import OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from cryobench_lab.data.checks import startup_warnings
 from cryobench_lab.errors import InputError
-from cryobench_lab.io.cryobench import load_cryobench, read_mask
-from cryobench_lab.io.mrc import read_mrc
+from cryobench_lab.data.ground_truth import gt_volume_files, load_gt_volumes, load_labels, load_mask
+from cryobench_lab.io.cryobench import load_cryobench
 from cryobench_lab.io.particles import ParticleMetadata, load_particles
-from cryobench_lab.io.pickles import load_pickle
-from cryobench_lab.physics.fft import fft2_center, fft3_center, ifft2_center, ifft3_center
+from cryobench_lab.io.volumes import check_volume_grids
+from cryobench_lab.physics.fft import fft2_center, ifft2_center
 from cryobench_lab.physics.lattice import soft_window
+
+log = logging.getLogger(__name__)
 
 _SCAN_CHUNK = 256  # images read at a time when scanning a stack (bounds memory in lazy mode)
 _MMAP_THRESHOLD = 1 << 20  # bytes; see _return_freed_batches_to_os
@@ -73,6 +77,7 @@ class DatasetInfo:
     has_poses: bool
     labels: Optional[np.ndarray] = None  # (N,) int64, −1 = unknown
     gt_volumes: Optional[torch.Tensor] = None  # (S, D, D, D) at box D, apix as above (a VolumeFiles if large)
+    gt_volume_files: Optional[list] = None  # (S,) the file each state's volume was read from
     mask: Optional[torch.Tensor] = None  # (D, D, D) the dataset's own FSC mask (CryoBench init_mask/mask.mrc)
     structure: Optional[str] = None
     gt_structures: Optional[str] = None  # folder of per-state atomic models (state_XXX.cif/.pdb, label order)
@@ -100,16 +105,6 @@ def fourier_crop_2d(images: torch.Tensor, D: int) -> torch.Tensor:
     lo = D0 // 2 - D // 2
     F = fft2_center(images)[..., lo : lo + D, lo : lo + D]  # (B, D, D)
     return ifft2_center(F).real * (D / D0) ** 2
-
-
-def fourier_crop_3d(volume: torch.Tensor, D: int) -> torch.Tensor:
-    """Downsample a (D0, D0, D0) volume to (D, D, D) by cropping its centred spectrum (values kept)."""
-    D0 = volume.shape[-1]
-    if D == D0:
-        return volume
-    lo = D0 // 2 - D // 2
-    F = fft3_center(volume)[lo : lo + D, lo : lo + D, lo : lo + D]
-    return ifft3_center(F).real * (D / D0) ** 3
 
 
 class ParticleDataset(Dataset):
@@ -211,71 +206,6 @@ class ParticleDataset(Dataset):
         return batch
 
 
-def _load_labels(path: str, n: int) -> np.ndarray:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"data.labels: {p} does not exist; pass a .npy or .pkl with one label per particle")
-    labels = np.load(p, allow_pickle=False) if p.suffix == ".npy" else load_pickle(p)
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise InputError(f"{p}: has shape {labels.shape} but the stack has {n} particles; expected ({n},)")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise InputError(f"{p}: labels must be non-negative integers (0-based state index)")
-    return labels.astype(np.int64)
-
-
-def _read_gt_volume(f, D: int) -> torch.Tensor:
-    v, _ = read_mrc(f)
-    if v.ndim != 3 or len(set(v.shape)) != 1:
-        raise InputError(f"{f}: ground-truth volume has shape {v.shape}; expected a cubic (D, D, D) map")
-    return fourier_crop_3d(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)), D)  # (D, D, D)
-
-
-class VolumeFiles:
-    """Ground-truth volumes read from their files on each access, for sets too large for memory (Spike-MD
-    has one per image): indexes like an (S, D, D, D) tensor (``len``, ``[s]``, iteration, ``shape``)."""
-
-    def __init__(self, files: list, D: int):
-        self.files, self.D = [str(f) for f in files], D
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, s: int) -> torch.Tensor:
-        return _read_gt_volume(self.files[int(s)], self.D)
-
-    def __iter__(self):
-        return (self[s] for s in range(len(self)))
-
-    @property
-    def shape(self) -> tuple:
-        return (len(self.files), self.D, self.D, self.D)
-
-
-def _load_gt_volumes(folder, n_states: int, D: int, memory_cap_gb: float = float("inf")):
-    """Volumes of ``folder`` (its ``*.mrc`` in name order) or of a list of files, Fourier-cropped to ``D``
-    → (S, D, D, D), or a :class:`VolumeFiles` when they would exceed ``memory_cap_gb``."""
-    if isinstance(folder, (list, tuple)):
-        p, files = Path(folder[0]).parent, [Path(f) for f in folder]
-    else:
-        p = Path(folder)
-        files = sorted(f for f in p.glob("*.mrc")) if p.is_dir() else []
-    if not files:
-        raise InputError(f"data.gt_volumes: no .mrc files in {p}; pass a folder of one volume per state in label order")
-    if n_states and len(files) != n_states:
-        raise InputError(f"data.gt_volumes: {p} holds {len(files)} volumes but the labels name {n_states} states")
-    if len(files) * D**3 * 4 > memory_cap_gb * 2**30:
-        _read_gt_volume(files[0], D)  # fail now, not at scoring time, if the files are not volumes
-        return VolumeFiles(files, D)
-    return torch.stack([_read_gt_volume(f, D) for f in files])  # (S, D, D, D)
-
-
-def _load_mask(path: str, D0: int, D: int) -> torch.Tensor:
-    """A dataset's FSC mask at the volumes' box ``D0``, resampled to ``D`` like the volumes and kept in [0, 1]."""
-    mask = torch.from_numpy(read_mask(path, D0))  # (D0, D0, D0)
-    return fourier_crop_3d(mask, D).clamp(0.0, 1.0)  # (D, D, D)
-
-
 class ParticleDataModule(L.LightningDataModule):
     """Particle stacks with poses, CTF and optional ground truth, for every method.
 
@@ -335,12 +265,25 @@ class ParticleDataModule(L.LightningDataModule):
             meta, labels = bench.particles, bench.labels
             files.update(bench.files, gt_volumes=bench.volume_files, meta={**bench.files, "root": bench.root, "invert": True})
         else:
-            meta = load_particles(files["particles"], poses=files["poses"], ctf=files["ctf"], datadir=cfg.datadir, apix=cfg.apix)
-            labels = _load_labels(files["labels"], meta.images.n) if files["labels"] else None
+            ctf_file = None if cfg.ctf == "none" else files["ctf"]
+            meta = load_particles(files["particles"], poses=files["poses"], ctf=ctf_file, datadir=cfg.datadir, apix=cfg.apix)
+            labels = load_labels(files["labels"], meta.images.n) if files["labels"] else None
+        if cfg.ctf == "none":  # the user's explicit choice: images without CTF, whatever the files say
+            meta.ctf = None
+        elif meta.ctf is None:
+            raise InputError(f"{files['particles']}: the particles carry no CTF (no rlnDefocusU column in a .star, no "
+                             "ctf/* fields in a .cs, none in a bare stack) and no data.ctf pickle was given; pass "
+                             "data.ctf=<ctf.pkl>, or data.ctf=none if the images truly have no CTF")
         n = meta.images.n
         D = cfg.box_size or meta.D
         if D % 2:
             raise InputError(f"data.box_size={D} is odd; choose an even box size")
+        gt_files = None
+        if files["gt_volumes"]:  # checked before the stack is scanned: bad ground truth fails at once
+            _, gt_files = gt_volume_files(files["gt_volumes"])
+            assumed = check_volume_grids(gt_files, meta.D, meta.apix, D, same_field_of_view=cfg.layout == "cryobench")
+            if assumed:
+                log.warning(assumed)
         invert = cfg.invert if cfg.invert is not None else bool(files["meta"].get("invert", True))
         lazy = cfg.lazy
         if lazy is None:
@@ -349,15 +292,18 @@ class ParticleDataModule(L.LightningDataModule):
             _return_freed_batches_to_os()
         self.dataset = ParticleDataset(meta, D, invert=invert, window=cfg.window, lazy=lazy, labels=labels)
         gt = None
-        if files["gt_volumes"]:
-            gt = _load_gt_volumes(files["gt_volumes"], int(labels.max()) + 1 if labels is not None else 0, D, cfg.memory_cap_gb)
-        mask = _load_mask(files["mask"], files["volume_box"], D) if files.get("mask") else None
+        if gt_files:
+            gt = load_gt_volumes(gt_files, int(labels.max()) + 1 if labels is not None else 0, D, cfg.memory_cap_gb)
+        mask = load_mask(files["mask"], files["volume_box"], D) if files.get("mask") else None
         self.info = DatasetInfo(
             n_particles=n, box_size=D, apix=meta.apix * meta.D / D, has_poses=meta.rot is not None, mask=mask,
-            labels=labels, gt_volumes=gt, structure=files["structure"], gt_structures=files["gt_structures"],
+            labels=labels, gt_volumes=gt, gt_volume_files=[str(f) for f in gt_files] if gt_files else None,
+            structure=files["structure"], gt_structures=files["gt_structures"],
             domains={k: [int(v) for v in r] for k, r in cfg.domains.items()} if cfg.domains else None,
             source=str(files["particles"]), meta=files["meta"],
         )
+        for line in startup_warnings(self.dataset, str(files["particles"])):
+            log.warning(line)
         rng = np.random.default_rng(cfg.split_seed)
         perm = rng.permutation(n)
         n_val = int(round(cfg.val_fraction * n)) if n > 1 else 0

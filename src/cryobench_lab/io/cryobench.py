@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import read_mrc, write_mrc, write_stack
 from cryobench_lab.io.particles import ParticleMetadata, load_particles
 from cryobench_lab.io.pickles import load_pickle, save_ctf, save_pickle, save_poses
+from cryobench_lab.io.volumes import order_by_state_number
 
 LAYOUT = ("expected CryoBench layout: <root>/images/snr<SNR>/sorted_particles.<D>.txt (+ the .mrcs it lists), "
           "<root>/combined_poses.pkl, <root>/combined_ctfs.pkl, <root>/gt_latents.pkl (or labels.pkl), "
@@ -70,11 +70,6 @@ class CryoBenchData:
 
 def _fail(path, problem: str) -> InputError:
     return InputError(f"{path}: {problem}; {LAYOUT}")
-
-
-def _numeric_key(path: Path):
-    """Sort ``vol_2.mrc`` before ``vol_10.mrc`` (CryoBench orders volumes by the numbers in their names)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name)]
 
 
 def _images_folder(root: Path, snr: float | None) -> Path:
@@ -130,7 +125,7 @@ def volume_files(root: Path, D: int, n_states: int) -> list[str]:
     folder = root / "vols" / f"{D}_org"
     files = []
     for candidate in dict.fromkeys([folder, root / "vols" / "128_org"]):
-        files = sorted(candidate.glob("*.mrc"), key=_numeric_key) if candidate.is_dir() else []
+        files = order_by_state_number(list(candidate.glob("*.mrc")), str(candidate)) if candidate.is_dir() else []
         if files:
             folder = candidate
             break

@@ -47,6 +47,15 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return data, apix
 
 
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], float]:
+    """Shape ``(nz, ny, nx)`` and voxel size (Å, x; 0.0 when unset) from the header alone, file checked
+    for truncation; for checking a map's grid without reading its data."""
+    header = _check_size(Path(path))
+    mx = int(header.mx)
+    apix = float(header.cella.x) / mx if mx > 0 else 0.0
+    return (int(header.nz), int(header.ny), int(header.nx)), (apix if np.isfinite(apix) and apix > 0 else 0.0)
+
+
 def write_mrc(
     path: str | os.PathLike,
     array: np.ndarray,

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryobench_lab.data.particles import DatasetInfo, fourier_crop_3d
+from cryobench_lab.data.ground_truth import fourier_crop_3d
+from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.data.simulate import slice_spectrum
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import read_mrc, write_mrc, write_stack
