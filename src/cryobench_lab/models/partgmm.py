@@ -245,8 +245,7 @@ class PartGMM(ReconstructionModule):
         if resume:
             self._load_stage(resume)
         self._bp: list[Backprojection] = []  # stage-0 accumulator, kept out of the state dict
-        self._opt: tuple | None = None
-        self._opt_stage = -1
+        self._standalone_opt: dict[int, tuple] = {}  # optimisers of step() called outside a Trainer
         self.fit_losses: list[float] = []  # squared error of the last 3D fit to the consensus, per step
         lengths = {0: 1, 1: stage1_epochs, 2: stage2_epochs}
         self._schedule = [s for s in (0, 1, 2) if s > int(self.stage_done) for _ in range(lengths[s])]
@@ -267,34 +266,42 @@ class PartGMM(ReconstructionModule):
         self.train_on_every_particle()  # auto-decoded latents
 
     def configure_optimizers(self):
-        return None
+        # Stage 1's (Adam, SparseAdam), then stage 2's: Lightning owns all four, so last.ckpt holds their
+        # states and the divergence guard sees every step (callbacks/reliability.py).
+        return [*self.stage_optimisers(1), *self.stage_optimisers(2)]
+
+    def stage_optimisers(self, stage: int) -> tuple:
+        """New (Adam of the networks, Gaussians and features; SparseAdam of the latent table) of stage 1 or 2."""
+        h = self.hparams
+        if stage == 1:
+            nets, gauss = list(self.net1.parameters()), [self.coarse.log_sigma, self.coarse.log_amp]
+            centers, feats = self.coarse.centers, [self.coarse_features]
+        else:
+            nets = list(self.net_g.parameters()) + (list(self.net_a.parameters()) if self.net_a is not None else [])
+            gauss, centers, feats = [self.fine.log_sigma, self.fine.log_amp], self.fine.centers, [self.fine_dfeat]
+        groups = [{"params": nets, "lr": h.lr}, {"params": gauss, "lr": h.gaussian_lr},
+                  {"params": [centers], "lr": h.gaussian_lr * self.apix}]
+        if h.features == "learned":
+            groups.append({"params": feats, "lr": h.gaussian_lr})
+        return torch.optim.Adam(groups), torch.optim.SparseAdam([self.latents.weight], lr=h.latent_lr)
 
     def _optimisers(self, stage: int) -> tuple:
-        if self._opt_stage != stage:
-            h = self.hparams
-            if stage == 1:
-                nets, gauss = list(self.net1.parameters()), [self.coarse.log_sigma, self.coarse.log_amp]
-                centers, feats = self.coarse.centers, [self.coarse_features]
-            else:
-                nets = list(self.net_g.parameters()) + (list(self.net_a.parameters()) if self.net_a is not None else [])
-                gauss, centers, feats = [self.fine.log_sigma, self.fine.log_amp], self.fine.centers, [self.fine_dfeat]
-            groups = [{"params": nets, "lr": h.lr}, {"params": gauss, "lr": h.gaussian_lr},
-                      {"params": [centers], "lr": h.gaussian_lr * self.apix}]
-            if h.features == "learned":
-                groups.append({"params": feats, "lr": h.gaussian_lr})
-            self._opt = (torch.optim.Adam(groups), torch.optim.SparseAdam([self.latents.weight], lr=h.latent_lr))
-            self._opt_stage = stage
-        return self._opt
+        if self._trainer is not None:
+            return tuple(self.optimizers()[2 * (stage - 1) : 2 * stage])
+        if stage not in self._standalone_opt:
+            self._standalone_opt[stage] = self.stage_optimisers(stage)
+        return self._standalone_opt[stage]
 
     def training_step(self, batch: dict, batch_idx: int):
         stage = self.stage_of_epoch(self.current_epoch)
         if stage == 0:
             self.consensus_step(batch)
-            return
+            return None
         out = self.step(batch, stage)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=batch["images"].shape[0])
         self.log("train/stage", float(stage), on_step=True, on_epoch=False)
+        return out["loss"]  # the divergence guard checks it
 
     def on_train_epoch_end(self) -> None:
         stage = self.stage_of_epoch(self.current_epoch)
@@ -517,7 +524,10 @@ class PartGMM(ReconstructionModule):
         out = self.losses(batch, stage)
         dense.zero_grad()
         sparse.zero_grad()
-        out["loss"].backward()
+        if self._trainer is not None:
+            self.manual_backward(out["loss"])  # under DDP this is where gradients are all-reduced
+        else:
+            out["loss"].backward()
         dense.step()
         sparse.step()
         return {k: v.detach() for k, v in out.items()}
