@@ -175,6 +175,9 @@ class PartGMM(ReconstructionModule):
         seed: seeds features, latents, seeding and part discovery.
     """
 
+    # DDP: stage 0's backprojection sums, added over ranks before the consensus is solved (callbacks/distributed.py)
+    rank_summed_buffers = ("consensus_num", "consensus_den")
+
     def __init__(
         self,
         info: DatasetInfo,
@@ -318,6 +321,14 @@ class PartGMM(ReconstructionModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a later resume trusts this file
             torch.save({"state_dict": self.state_dict(), "stage": int(self.stage_done), "hparams": dict(self.hparams)}, tmp)
+
+    @property
+    def consensus_num(self) -> torch.Tensor:
+        return self._bp[0].num if self._bp else torch.zeros(0, device=self.device)
+
+    @property
+    def consensus_den(self) -> torch.Tensor:
+        return self._bp[0].den if self._bp else torch.zeros(0, device=self.device)
 
     def consensus_step(self, batch: dict) -> None:
         """Stage 0: add a batch to the homogeneous backprojection."""
