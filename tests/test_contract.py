@@ -220,7 +220,7 @@ def test_partgmm_nan_gradient_stops_before_the_step(tiny_dataset, mask, tmp_path
 
 # ---- (a) SIGKILL mid-epoch, then resume ------------------------------------------------------------------------
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", _maybe_slow(MODELS))
+@pytest.mark.parametrize("name", _maybe_slow(MODELS, FAST))
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(name, tiny_dataset, mask, tmp_path):
     args = _args(name, tiny_dataset, mask)
     reference = _run(args, tmp_path / "reference")
@@ -241,7 +241,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(name, tiny_dataset, ma
 
 # ---- (c) DDP: 2 gloo processes vs 1 ------------------------------------------------------------------------------
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", _maybe_slow(MODELS))
+@pytest.mark.parametrize("name", _maybe_slow(MODELS, FAST))
 def test_ddp_two_processes_match_one_or_refuse(name, tiny_dataset, mask, tmp_path):
     args = _args(name, tiny_dataset, mask)
     out = tmp_path / "ddp"

@@ -5,9 +5,12 @@ No public code exists for this method; this implementation follows the paper's d
 row per image, SparseAdam) with the prior ``λ_z‖z‖²``.
 
 Stages, run one after the other in one ``trainer.fit`` (epoch 0 is stage 0, then ``stage1_epochs`` of
-stage 1, then ``stage2_epochs`` of stage 2). At the end of each stage the module writes
-``checkpoints/partgmm_stage{0,1,2}.pt`` into the run folder; ``model.resume=<that file>`` restarts after
-that stage (all parameter shapes are fixed at construction, so a checkpoint always loads).
+stage 1, then ``stage2_epochs`` of stage 2). The optimisers of stages 1 and 2 (Adam + SparseAdam each) are
+Lightning's (``configure_optimizers``), so a killed run resumes from ``last.ckpt`` like every method. At the
+end of each stage the module also writes ``checkpoints/partgmm_stage{0,1,2}.pt`` into the run folder;
+``model.resume=<that file>`` starts a new run after that stage, e.g. stage 2 with other settings (all
+parameter shapes are fixed at construction, so a checkpoint always loads). Under DDP stage 0's sums are
+added over ranks (``rank_summed_buffers``).
 
 - Stage 0, consensus: one pass of the homogeneous Wiener backprojection (``models/backproject.py`` with
   ``use_labels=False``). Gaussians are seeded on its support — voxels above ``median + support_mads · MAD``
