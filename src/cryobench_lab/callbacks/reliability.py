@@ -5,10 +5,12 @@
   tables (they are parameters or buffers), the epoch and the step; restoring the random states as well, with
   the DataModule's epoch-seeded shuffle, makes a run resumed from an end-of-epoch checkpoint repeat exactly
   what the uninterrupted run did next.
-- **Divergence guard**: before every optimiser step the gradients are checked, and after every batch the
-  returned loss. A NaN or Inf stops the run at once (``on_nonfinite=stop``, the default) with one line
+- **Divergence guard**: every batch's images are checked before the method sees them (so methods without a
+  loss, the EM and backprojection accumulators, are covered too), the gradients before every optimiser
+  step, and after every batch the returned loss. A NaN or Inf stops the run at once (``on_nonfinite=stop``, the default) with one line
   naming the step and the last finite checkpoint, before the bad step reaches the weights, so no later
-  checkpoint or result is written from them. With ``on_nonfinite=skip`` the optimiser step is skipped instead
+  checkpoint or result is written from them. With ``on_nonfinite=skip`` images with NaN/Inf pixels are left
+  out of their batch (the batch counts as a skipped step) and a non-finite optimiser step is skipped
   (its gradients are dropped, so Adam-style optimisers leave those parameters alone) and counted in
   ``train/skipped_steps``; more than ``max_skipped`` skips in a row stop the run.
 
@@ -120,6 +122,23 @@ class ReliabilityCallback(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._skipping_batch = False
+        images = batch.get("images") if isinstance(batch, dict) else None
+        if images is None:
+            return
+        finite = torch.isfinite(images.reshape(len(images), -1)).all(1)  # (B,)
+        if bool(finite.all()):
+            return
+        bad = batch["index"][~finite].tolist() if "index" in batch else []
+        what = f"NaN/Inf pixels in the images of particle(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} (0-based)"
+        if self.mode == "stop" or not bool(finite.any()):
+            self._stop(trainer, what)
+        # The batch dict is the one the method's training_step receives: drop the bad images in place.
+        for key, value in list(batch.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(finite):
+                batch[key] = value[finite]
+        self._skipping_batch = True
+        self.skipped_steps += 1
+        self._in_a_row += 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

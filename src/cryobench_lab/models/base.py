@@ -27,6 +27,16 @@ counts lives in parameters or persistent buffers (per-image tables included), sc
 ``current_epoch`` rather than on Python counters, and randomness comes from torch's global generator (its
 state is saved). Weights are restored before ``on_fit_start``/``on_train_start``, so a data-dependent
 initialisation there must be skipped when a persistent flag says it was done.
+
+The same contract for every method (tests/test_contract.py runs it over every ``conf/model/*.yaml``):
+
+- optimisers come from ``configure_optimizers`` (manual optimisation steps them through ``self.optimizers()``
+  and ``manual_backward``), so their states are in ``last.ckpt`` and the divergence guard sees every step;
+  ``training_step`` returns its loss (or None for a method without one);
+- state that lives beyond one epoch is a persistent buffer, a parameter, or saved by
+  ``on_save_checkpoint``/``on_load_checkpoint``;
+- DDP: sums accumulated over an epoch are named in ``rank_summed_buffers``, per-image rows a method overwrites
+  in ``rank_merged_rows`` (callbacks/distributed.py), so every rank's epoch-end step sees the whole data.
 """
 
 from __future__ import annotations

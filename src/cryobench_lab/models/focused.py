@@ -105,11 +105,11 @@ class FocusedClassification(MulticlassEM):
         # saved with the checkpoint, so a reloaded model subtracts without recomputing the consensus
         self.register_buffer("outside_spectrum", slice_spectrum(self.outside))
         self.consensus_path = consensus
-        self.consensus_ready = False
+        self.register_buffer("consensus_ready", torch.tensor(False))  # a resumed run keeps its subtraction
 
     # ---- consensus and subtraction ---------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        if not self.consensus_ready:
+        if not bool(self.consensus_ready):
             self.prepare_consensus(self.trainer.datamodule.all_dataloader())
 
     @torch.no_grad()
@@ -136,7 +136,7 @@ class FocusedClassification(MulticlassEM):
         scale = cross / max(power, 1e-30)
         self.outside.copy_(scale * consensus * (1.0 - self.focus))
         self.outside_spectrum = slice_spectrum(self.outside)
-        self.consensus_ready = True
+        self.consensus_ready.fill_(True)
 
     def _render(self, spectrum: torch.Tensor, batch: dict) -> torch.Tensor:
         """Re-centred CTF-modulated projections of a 2× oversampled spectrum, (B, D, D) complex."""

@@ -108,6 +108,11 @@ class MulticlassEM(ReconstructionModule):
     """
 
     outputs_dir = "classes"
+    # DDP (callbacks/distributed.py): each rank runs the E-step on its share of every batch; the epoch's sums
+    # are added over ranks and the per-image rows each rank wrote are gathered before the M-step, so every
+    # rank solves the M-step of the whole data.
+    rank_summed_buffers = ("num", "den", "class_weight", "residual_sum", "loglik_sum", "count_sum", "pca_den")
+    rank_merged_rows = ("sigma2", "pca_z")
 
     def __init__(
         self,
@@ -157,15 +162,15 @@ class MulticlassEM(ReconstructionModule):
         self.register_buffer("loglik_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("count_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("band_shell", torch.tensor(P // 2))  # likelihood band: voxel shells < this
-        # initialisation: consensus, then principal volumes W (M ≤ 3) of the heterogeneity and coordinates z
+        # initialisation: consensus, then principal volumes W (M ≤ 3) of the heterogeneity and coordinates z;
+        # the consensus and W carry over between epochs, so they are saved with the checkpoint
         self.n_pca = pca_passes if n_classes > 1 else 0
         self.M = min(n_classes - 1, 3)
-        self.register_buffer("consensus_spectrum", torch.zeros(P, P, P, dtype=torch.complex64), persistent=False)
-        self.register_buffer("components", torch.zeros(self.M, P**3, dtype=torch.complex64), persistent=False)
+        self.register_buffer("consensus_spectrum", torch.zeros(P, P, P, dtype=torch.complex64))
+        self.register_buffer("components", torch.zeros(self.M, P**3, dtype=torch.complex64))
         self.register_buffer("pca_den", torch.zeros(self.M * self.M if self.n_pca else 0, P**3), persistent=False)
         self.register_buffer("pca_z", torch.zeros(info.n_particles, self.M), persistent=False)
-        self.pca_labels: torch.Tensor | None = None
-        self.log_likelihood: list[float] = []  # L per EM iteration (data term + prior)
+        self.log_likelihood: list[float] = []  # L per EM iteration (data term + prior); in the checkpoint
         self._shells = shell_index(P)
         self.mask = soft_sphere_mask(self.D) if sphere_mask else None
 
@@ -186,6 +191,12 @@ class MulticlassEM(ReconstructionModule):
 
     def configure_optimizers(self):
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["em_log_likelihood"] = list(self.log_likelihood)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.log_likelihood = list(checkpoint.get("em_log_likelihood", []))
 
     def on_train_epoch_start(self) -> None:
         self.num.zero_()
@@ -359,7 +370,6 @@ class MulticlassEM(ReconstructionModule):
             spectra = self.consensus_spectrum.reshape(1, -1) + means.to(W.dtype) @ W  # (K, P³)
             self.spectra.copy_(self.constrain(spectra.reshape(self.spectra.shape)))
             self.log_pi.copy_(torch.log((counts / counts.sum()).clamp(min=1e-12)).float())
-            self.pca_labels = labels
             return
         P3, M = self.grid.P**3, self.M
         den = self.pca_den.reshape(M, M, P3).permute(2, 0, 1)  # (P³, M, M)

@@ -5,9 +5,12 @@ No public code exists for this method; this implementation follows the paper's d
 row per image, SparseAdam) with the prior ``λ_z‖z‖²``.
 
 Stages, run one after the other in one ``trainer.fit`` (epoch 0 is stage 0, then ``stage1_epochs`` of
-stage 1, then ``stage2_epochs`` of stage 2). At the end of each stage the module writes
-``checkpoints/partgmm_stage{0,1,2}.pt`` into the run folder; ``model.resume=<that file>`` restarts after
-that stage (all parameter shapes are fixed at construction, so a checkpoint always loads).
+stage 1, then ``stage2_epochs`` of stage 2). The optimisers of stages 1 and 2 (Adam + SparseAdam each) are
+Lightning's (``configure_optimizers``), so a killed run resumes from ``last.ckpt`` like every method. At the
+end of each stage the module also writes ``checkpoints/partgmm_stage{0,1,2}.pt`` into the run folder;
+``model.resume=<that file>`` starts a new run after that stage, e.g. stage 2 with other settings (all
+parameter shapes are fixed at construction, so a checkpoint always loads). Under DDP stage 0's sums are
+added over ranks (``rank_summed_buffers``).
 
 - Stage 0, consensus: one pass of the homogeneous Wiener backprojection (``models/backproject.py`` with
   ``use_labels=False``). Gaussians are seeded on its support — voxels above ``median + support_mads · MAD``
@@ -175,6 +178,9 @@ class PartGMM(ReconstructionModule):
         seed: seeds features, latents, seeding and part discovery.
     """
 
+    # DDP: stage 0's backprojection sums, added over ranks before the consensus is solved (callbacks/distributed.py)
+    rank_summed_buffers = ("consensus_num", "consensus_den")
+
     def __init__(
         self,
         info: DatasetInfo,
@@ -245,8 +251,7 @@ class PartGMM(ReconstructionModule):
         if resume:
             self._load_stage(resume)
         self._bp: list[Backprojection] = []  # stage-0 accumulator, kept out of the state dict
-        self._opt: tuple | None = None
-        self._opt_stage = -1
+        self._standalone_opt: dict[int, tuple] = {}  # optimisers of step() called outside a Trainer
         self.fit_losses: list[float] = []  # squared error of the last 3D fit to the consensus, per step
         lengths = {0: 1, 1: stage1_epochs, 2: stage2_epochs}
         self._schedule = [s for s in (0, 1, 2) if s > int(self.stage_done) for _ in range(lengths[s])]
@@ -267,34 +272,42 @@ class PartGMM(ReconstructionModule):
         self.train_on_every_particle()  # auto-decoded latents
 
     def configure_optimizers(self):
-        return None
+        # Stage 1's (Adam, SparseAdam), then stage 2's: Lightning owns all four, so last.ckpt holds their
+        # states and the divergence guard sees every step (callbacks/reliability.py).
+        return [*self.stage_optimisers(1), *self.stage_optimisers(2)]
+
+    def stage_optimisers(self, stage: int) -> tuple:
+        """New (Adam of the networks, Gaussians and features; SparseAdam of the latent table) of stage 1 or 2."""
+        h = self.hparams
+        if stage == 1:
+            nets, gauss = list(self.net1.parameters()), [self.coarse.log_sigma, self.coarse.log_amp]
+            centers, feats = self.coarse.centers, [self.coarse_features]
+        else:
+            nets = list(self.net_g.parameters()) + (list(self.net_a.parameters()) if self.net_a is not None else [])
+            gauss, centers, feats = [self.fine.log_sigma, self.fine.log_amp], self.fine.centers, [self.fine_dfeat]
+        groups = [{"params": nets, "lr": h.lr}, {"params": gauss, "lr": h.gaussian_lr},
+                  {"params": [centers], "lr": h.gaussian_lr * self.apix}]
+        if h.features == "learned":
+            groups.append({"params": feats, "lr": h.gaussian_lr})
+        return torch.optim.Adam(groups), torch.optim.SparseAdam([self.latents.weight], lr=h.latent_lr)
 
     def _optimisers(self, stage: int) -> tuple:
-        if self._opt_stage != stage:
-            h = self.hparams
-            if stage == 1:
-                nets, gauss = list(self.net1.parameters()), [self.coarse.log_sigma, self.coarse.log_amp]
-                centers, feats = self.coarse.centers, [self.coarse_features]
-            else:
-                nets = list(self.net_g.parameters()) + (list(self.net_a.parameters()) if self.net_a is not None else [])
-                gauss, centers, feats = [self.fine.log_sigma, self.fine.log_amp], self.fine.centers, [self.fine_dfeat]
-            groups = [{"params": nets, "lr": h.lr}, {"params": gauss, "lr": h.gaussian_lr},
-                      {"params": [centers], "lr": h.gaussian_lr * self.apix}]
-            if h.features == "learned":
-                groups.append({"params": feats, "lr": h.gaussian_lr})
-            self._opt = (torch.optim.Adam(groups), torch.optim.SparseAdam([self.latents.weight], lr=h.latent_lr))
-            self._opt_stage = stage
-        return self._opt
+        if self._trainer is not None:
+            return tuple(self.optimizers()[2 * (stage - 1) : 2 * stage])
+        if stage not in self._standalone_opt:
+            self._standalone_opt[stage] = self.stage_optimisers(stage)
+        return self._standalone_opt[stage]
 
     def training_step(self, batch: dict, batch_idx: int):
         stage = self.stage_of_epoch(self.current_epoch)
         if stage == 0:
             self.consensus_step(batch)
-            return
+            return None
         out = self.step(batch, stage)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=batch["images"].shape[0])
         self.log("train/stage", float(stage), on_step=True, on_epoch=False)
+        return out["loss"]  # the divergence guard checks it
 
     def on_train_epoch_end(self) -> None:
         stage = self.stage_of_epoch(self.current_epoch)
@@ -311,6 +324,14 @@ class PartGMM(ReconstructionModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a later resume trusts this file
             torch.save({"state_dict": self.state_dict(), "stage": int(self.stage_done), "hparams": dict(self.hparams)}, tmp)
+
+    @property
+    def consensus_num(self) -> torch.Tensor:
+        return self._bp[0].num if self._bp else torch.zeros(0, device=self.device)
+
+    @property
+    def consensus_den(self) -> torch.Tensor:
+        return self._bp[0].den if self._bp else torch.zeros(0, device=self.device)
 
     def consensus_step(self, batch: dict) -> None:
         """Stage 0: add a batch to the homogeneous backprojection."""
@@ -517,7 +538,10 @@ class PartGMM(ReconstructionModule):
         out = self.losses(batch, stage)
         dense.zero_grad()
         sparse.zero_grad()
-        out["loss"].backward()
+        if self._trainer is not None:
+            self.manual_backward(out["loss"])  # under DDP this is where gradients are all-reduced
+        else:
+            out["loss"].backward()
         dense.step()
         sparse.step()
         return {k: v.detach() for k, v in out.items()}
