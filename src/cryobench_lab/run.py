@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
+from cryobench_lab.callbacks.exports import LatentSnapshots
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
@@ -294,6 +295,7 @@ def run(cfg: DictConfig) -> dict:
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
     trainer.callbacks.append(SumBuffersAcrossRanks())  # DDP: accumulator methods sum over ranks
+    trainer.callbacks.append(LatentSnapshots(datamodule, str(out_dir), m.latents_every))  # z.<epoch>.pkl
     if ckpt_path:
         print(f"[cryobench_lab] resuming from {ckpt_path}", file=sys.stderr)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
