@@ -58,8 +58,7 @@ def write_model_star(path: Path, references: Sequence[str], fractions: Sequence[
     }
     classes = pd.DataFrame({
         "rlnReferenceImage": list(references), "rlnClassDistribution": [float(f) for f in fractions],
-        "rlnAccuracyRotations": UNKNOWN_RESOLUTION, "rlnAccuracyTranslationsAngst": UNKNOWN_RESOLUTION,
-        "rlnEstimatedResolution": res, "rlnOverallFourierCompleteness": 1.0,
+        "rlnEstimatedResolution": res,
     })
     with atomic_path(path) as tmp:
         starfile.write({"model_general": general, "model_classes": classes}, tmp, float_format="%.6f")
