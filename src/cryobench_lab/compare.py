@@ -38,28 +38,52 @@ from cryobench_lab.io.atomic import atomic_path, write_text_atomic
 from cryobench_lab.plots import save_figure
 from cryobench_lab.run_folder import ASIDE_PREFIX
 
-#: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their short labels
+#: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their labels in words
 PRIORITY = {
-    "val/fsc_auc_mean": "FSC-AUC",
-    "val/fsc_res_0.5": "res FSC=0.5 (Å)",
-    "val/fsc_res_0.143": "res FSC=0.143 (Å)",
-    "val/fsc_image_auc_mean": "per-image FSC-AUC",
-    "val/ari": "ARI",
-    "val/nmi": "NMI",
-    "val/segmentation_ari": "segmentation ARI",
-    "val/part_ari": "part ARI",
-    "val/clashes_median": "clashes (median)",
-    "val/clashes_mean": "clashes (mean)",
-    "train/wall_time_s": "wall time (s)",
-    "train/images_per_s": "images/s",
+    "val/fsc_auc_mean": "FSC-AUC per state, mean (area under FSC vs cycles/px)",
+    "val/fsc_res_0.5": "resolution at FSC 0.5, mean over states (Å)",
+    "val/fsc_res_0.143": "resolution at FSC 0.143, mean over states (Å)",
+    "val/fsc_image_auc_mean": "FSC-AUC per image, mean (area under absolute FSC vs cycles/px)",
+    "val/ari": "classes vs states: adjusted Rand index",
+    "val/nmi": "classes vs states: normalised mutual information",
+    "val/segmentation_ari": "segments vs domains: adjusted Rand index",
+    "val/part_ari": "parts vs chains/domains: adjusted Rand index",
+    "val/clashes_median": "Cα clashes per predicted model, median (count)",
+    "val/clashes_mean": "Cα clashes per predicted model, mean (count)",
+    "train/wall_time_s": "training wall time (s)",
+    "train/images_per_s": "training throughput (images/s)",
 }
-#: scalar keys that describe a run rather than measure it
-DESCRIPTIVE = {"seed", "n_particles", "box_size", "apix", "train/epochs", "train/skipped_steps", "config_hash"}
+#: labels of the other keys a run may report (``column_label`` adds ``dist_corr_*`` and ``*_masked``)
+LABELS = {
+    "val/fsc_auc_std": "FSC-AUC per state, std over states",
+    "val/fsc_auc_median": "FSC-AUC per state, median",
+    "val/fsc_image_auc_std": "FSC-AUC per image, std over images",
+    "val/fsc_image_auc_median": "FSC-AUC per image, median",
+    "val/n_empty_classes": "empty classes (count)",
+    "val/class_sizes": "images per class (list of counts)",
+    "val/distance_corr": "domain distances predicted vs true: Pearson r, mean over pairs",
+    "val/clashes_true_median": "Cα clashes per true model, median (count; the floor)",
+    "val/rot_error_median": "rotation error, median (°)",
+    "val/shift_error_median": "shift error, median (px)",
+    "val/anchor_ari": "anchors vs chains/domains: adjusted Rand index",
+    "val/coappearance_ari": "co-appearing parts vs chains/domains: adjusted Rand index",
+    "val/n_parts": "parts found (count)",
+    "val/gate_absent_max": "largest gate of an absent chain (0–1)",
+    "val/gate_present_min": "smallest gate of a present chain (0–1)",
+    "train/skipped_steps": "skipped non-finite steps (count)",
+}
+#: scalar keys that describe a run rather than measure it (``n_particles``: the name before n_particles_total)
+DESCRIPTIVE = {"seed", "n_particles", "n_particles_total", "box_size", "apix", "train/epochs",
+               "train/skipped_steps", "config_hash"}
+#: what a run's data are described by (metrics.json key → words), compared between runs of one dataset
+DATA_FACTS = {"n_particles_total": "images (all states)", "box_size": "box size (px)", "apix": "pixel size (Å)"}
 #: parts/parts.json entries that are not measurements
 PARTS_DESCRIPTIVE = {"n_anchors", "gaussians_near_atoms"}
 #: metrics drawn as bars (those present)
 BAR_METRICS = ("val/fsc_auc_mean", "val/ari", "val/segmentation_ari", "val/part_ari", "val/clashes_median", "train/images_per_s")
 KEY_COLUMNS = ("dataset", "method")
+COLUMN_WORDS = {"n_seeds": "seeds (runs)", "data.n_images": "images (all states)",
+                "data.n_particles": "images per state (data.n_particles)", "data.snr": "SNR (data.snr)"}
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -80,6 +104,19 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         raise InputError(f"no metrics.json under {', '.join(map(str, paths))}; pass a sweep folder or run folders "
                          "of finished runs")
     return runs, failed
+
+
+def column_label(key: str) -> str:
+    """A metric key in words with its unit (the key itself only when nothing is known about it)."""
+    if key.endswith("_masked"):
+        return column_label(key.removesuffix("_masked")) + ", under the dataset's mask"
+    if key in PRIORITY or key in LABELS:
+        return PRIORITY.get(key) or LABELS[key]
+    name = key.removeprefix("val/")
+    if name.startswith("dist_corr_"):
+        a, _, b = name.removeprefix("dist_corr_").rpartition("_")
+        return f"distance {a}–{b} predicted vs true: Pearson r"
+    return name
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -116,12 +153,15 @@ def load_run(run: Path) -> dict:
         config = _flatten(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False))
     scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v) and k not in DESCRIPTIVE}
     scalars.update(_part_scalars(run))
+    facts = {k: metrics.get(k) for k in DATA_FACTS}
+    if facts["n_particles_total"] is None:  # runs written before the key was renamed
+        facts["n_particles_total"] = metrics.get("n_particles")
     return {
         "path": str(run), "metrics": scalars, "config": config,
         "dataset": str(metrics.get("dataset", config.get("data.name", "?"))),
         "method": str(metrics.get("method", config.get("model.name", "?"))),
         "seed": metrics.get("seed", config.get("seed")),
-        "apix": metrics.get("apix"), "per_state": metrics.get("val/per_state") or [],
+        "apix": metrics.get("apix"), "per_state": metrics.get("val/per_state") or [], "data": facts,
     }
 
 
@@ -152,6 +192,8 @@ def metric_order(runs: list[dict]) -> list[str]:
 
 def tables(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
     """(per-run table, summary table with ``<metric>_mean``/``_std``, ablation columns, metric keys)."""
+    for r in runs:  # the number of images as a pseudo config key, so that it becomes a column when it varies
+        r["config"]["data.n_images"] = r["data"].get("n_particles_total")
     ablations = ablation_keys(runs)
     metrics = metric_order(runs)
     rows = []
@@ -176,6 +218,32 @@ def tables(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], lis
     return per_run, pd.DataFrame(summary_rows), ablations, metrics
 
 
+def data_warnings(runs: list[dict]) -> list[str]:
+    """One line per dataset whose runs differ in their data (image count, box size, pixel size): their
+    numbers are then not comparable as equals."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        group = [r for r in runs if r["dataset"] == dataset]
+        diffs = []
+        for key, words in DATA_FACTS.items():
+            values = sorted({r["data"].get(key) for r in group if r["data"].get(key) is not None}, key=float)
+            if len(values) > 1:
+                diffs.append(f"{words} {' vs '.join(f'{v:g}' for v in values)}")
+        if diffs:
+            out.append(f"runs of dataset {dataset} differ in their data: {'; '.join(diffs)}; compare such numbers "
+                       "with care (the table has a column per fact that varies)")
+    return out
+
+
+def shown_metrics(summary: pd.DataFrame, metrics: list[str]) -> tuple[list[str], list[str]]:
+    """(metrics with a number in some row, metrics NaN in every row): the table and report show the first;
+    the CSV files keep every key."""
+    def measured(m: str) -> bool:
+        return f"{m}_mean" in summary and bool(np.isfinite(summary[f"{m}_mean"].to_numpy(dtype=float)).any())
+
+    return [m for m in metrics if measured(m)], [m for m in metrics if not measured(m)]
+
+
 def _fmt(mean: float, std: float) -> str:
     if not np.isfinite(mean):
         return "–"
@@ -183,13 +251,19 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(summary: pd.DataFrame, ablations: list[str], metrics: list[str]) -> str:
+def markdown(summary: pd.DataFrame, ablations: list[str], metrics: list[str], warnings: list[str] = ()) -> str:
+    """The summary table (columns labelled in words with units; all-NaN metrics left out and named below)."""
     cols = [*KEY_COLUMNS, *ablations, "n_seeds"]
-    head = cols + [PRIORITY.get(m, m.removeprefix("val/")) for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shown, dropped = shown_metrics(summary, metrics)
+    head = [COLUMN_WORDS.get(c, c) for c in cols] + [column_label(m) for m in shown]
+    lines = [f"> warning: {w}" for w in warnings] + ([""] if warnings else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in summary.iterrows():
-        cells = [str(row[c]) for c in cols] + [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+        cells = [str(row[c]) for c in cols] + [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Mean ± std over seeds. " + (f"Not measured in any run (NaN, kept in the CSV files): "
+                                              f"{', '.join(m.removeprefix('val/') for m in dropped)}." if dropped else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +325,7 @@ def bar_figure(path: Path, summary: pd.DataFrame, ablations: list[str]) -> Path 
     y = np.arange(len(labels))
     for ax, m in zip(axes[0], shown):
         ax.barh(y, summary[f"{m}_mean"].fillna(0), xerr=summary[f"{m}_std"].fillna(0), capsize=3, color="C0")
-        ax.set_title(PRIORITY.get(m, m), fontsize=9)
+        ax.set_title(column_label(m), fontsize=8, wrap=True)
         ax.set_yticks(y, labels if ax is axes[0][0] else [], fontsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
@@ -287,13 +361,15 @@ def ari_vs_k_figure(path: Path, per_run: pd.DataFrame, runs: list[dict]) -> Path
 
 
 def html_report(path: Path, title: str, summary_md: str, summary: pd.DataFrame, ablations: list[str],
-                metrics: list[str], figures: list[Path], failed: list[Path], n_runs: int) -> None:
+                metrics: list[str], figures: list[Path], failed: list[Path], n_runs: int,
+                warnings: list[str] = ()) -> None:
     """One self-contained HTML file: the table and every figure (PNG, base64)."""
     cols = [*KEY_COLUMNS, *ablations, "n_seeds"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols + [PRIORITY.get(m, m.removeprefix('val/')) for m in metrics])
+    shown, dropped = shown_metrics(summary, metrics)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [COLUMN_WORDS.get(c, c) for c in cols] + [column_label(m) for m in shown])
     body = []
     for _, row in summary.iterrows():
-        cells = [html.escape(str(row[c])) for c in cols] + [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+        cells = [html.escape(str(row[c])) for c in cols] + [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in shown]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     imgs = "".join(
         f'<figure><img alt="{f.stem}" src="data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}">'
@@ -305,7 +381,10 @@ def html_report(path: Path, title: str, summary_md: str, summary: pd.DataFrame, 
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#eee}}img{{max-width:100%}}</style>
 </head><body><h1>{html.escape(title)}</h1>
-<p>{n_runs} runs; mean ± std over seeds (std with n−1; 0 for a single seed).</p>
+{''.join(f'<p style="color:#a00"><b>Warning:</b> {html.escape(w)}</p>' for w in warnings)}
+<p>{n_runs} runs; mean ± std over seeds (std with n−1; 0 for a single seed).{
+html.escape(' Not measured in any run (NaN, kept in the CSV files): ' + ', '.join(m.removeprefix('val/') for m in dropped) + '.')
+if dropped else ''}</p>
 <table><tr>{head}</tr>{''.join(body)}</table>
 {f'<h2>Failed runs</h2><ul>{fails}</ul>' if fails else ''}
 <h2>Figures</h2>{imgs}
@@ -322,11 +401,14 @@ def compare(paths: list[Path], out: Path | None = None) -> dict:
     if out is None:
         out = paths[0] / "compare" if len(paths) == 1 and not (paths[0] / "metrics.json").exists() else Path("compare")
     out.mkdir(parents=True, exist_ok=True)
+    warnings = data_warnings(runs)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     per_run, summary, ablations, metrics = tables(runs)
     for name, table in (("runs.csv", per_run), ("summary.csv", summary)):
         with atomic_path(out / name) as tmp:
             table.to_csv(tmp, index=False)
-    md = markdown(summary, ablations, metrics)
+    md = markdown(summary, ablations, metrics, warnings)
     write_text_atomic(out / "summary.md", md)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -336,9 +418,10 @@ def compare(paths: list[Path], out: Path | None = None) -> dict:
         ari_vs_k_figure(fig_dir / "ari_vs_k.png", per_run, runs),
     ) if f is not None]
     title = "cryobench_lab comparison: " + ", ".join(p.name for p in paths)
-    html_report(out / "report.html", title, md, summary, ablations, metrics, figures, failed, len(runs))
+    html_report(out / "report.html", title, md, summary, ablations, metrics, figures, failed, len(runs), warnings)
     return {"summary_csv": out / "summary.csv", "summary_md": out / "summary.md", "runs_csv": out / "runs.csv",
-            "report": out / "report.html", "figures": figures, "failed": failed, "n_runs": len(runs)}
+            "report": out / "report.html", "figures": figures, "failed": failed, "n_runs": len(runs),
+            "warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> None:

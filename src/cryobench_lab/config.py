@@ -28,7 +28,7 @@ class DataConfig:
     # --- simulator presets (see data/presets.py); ignored for user data
     preset: Optional[str] = None
     structures: Optional[List[str]] = None  # PDB/mmCIF files replacing the preset's own
-    n_particles: Optional[int] = None  # per state
+    n_particles: Optional[int] = None  # images PER STATE (simulated presets); metrics.json n_particles_total counts all
     snr: Optional[float] = None
     sim_seed: int = 0
     # further keys of the preset's simulator recipe (data/presets.py), e.g. {n_states: 13, defocus_range: [..]};
@@ -105,6 +105,9 @@ class MetricsConfig:
     fsc_mask: str = "none"  # none | sphere | gt (thresholded, dilated, soft-edged ground truth) | dataset (its own mask)
     per_image_n: int = 100  # images scored by the per-image FSC protocol; 0 skips it
     eval_every: int = 0  # also score every n epochs during training; 0: only at the end
+    # write z.<epoch>.pkl (cryoDRGN's per-epoch latents) every n epochs; 0: only the final z.pkl. Costs an
+    # inference pass over the particles each time (counted in train/wall_time_s), hence off by default.
+    latents_every: int = 0
     save_volumes: bool = True
     figures: bool = True
     # false: skip the per-conformation protocol (Spike-MD: one image per state, so per-image FSC is its metric)

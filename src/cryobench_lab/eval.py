@@ -42,12 +42,11 @@ def _check_fingerprints(trained: dict, now: dict, ckpt: Path, force: bool) -> li
     return differ
 
 
-def evaluate_run(
-    run_dir: Path, ckpt: Path | None = None, out: Path | None = None, overrides: list[str] = (), force: bool = False,
-) -> dict:
-    """Score the checkpoint of ``run_dir``; returns the metrics written to ``<out>/metrics.json``.
-
-    Refuses (InputError) data whose fingerprints differ from the checkpoint's unless ``force``.
+def load_trained(
+    run_dir: Path, ckpt: Path | None = None, overrides: list[str] = (), force: bool = False,
+) -> tuple:
+    """(config, set-up datamodule, model with the checkpoint's weights, names of differing fingerprints) of
+    a finished run. Refuses (InputError) data whose fingerprints differ from the checkpoint's unless ``force``.
     """
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -69,11 +68,22 @@ def evaluate_run(
     if "dataset" not in trained and provenance.is_file():
         trained = json.loads(provenance.read_text())
     mismatch = _check_fingerprints(trained, fingerprints(datamodule), ckpt, force)
-    state = checkpoint["state_dict"]
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         raise InputError(f"{ckpt}: does not fit model={cfg.model.name} on this dataset ({str(err).splitlines()[0]})") from None
+    return cfg, datamodule, model, mismatch
+
+
+def evaluate_run(
+    run_dir: Path, ckpt: Path | None = None, out: Path | None = None, overrides: list[str] = (), force: bool = False,
+) -> dict:
+    """Score the checkpoint of ``run_dir``; returns the metrics written to ``<out>/metrics.json``.
+
+    Refuses (InputError) data whose fingerprints differ from the checkpoint's unless ``force``.
+    """
+    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+    cfg, datamodule, model, mismatch = load_trained(run_dir, ckpt, overrides, force)
     out = out or run_dir / "eval"
     m = cfg.metrics
     metrics, _ = score_model(model, datamodule, out, ScoreOptions(m.fsc_mask, m.per_image_n, m.save_volumes, m.figures, m.per_conformation, m.references))

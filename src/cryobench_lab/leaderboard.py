@@ -80,7 +80,7 @@ def read_run(run_dir: str | Path) -> dict:
         "image_auc": get("fsc_image_auc_mean"),
         "ari": get("ari"),
         "box_size": m.get("box_size"),
-        "n_particles": m.get("n_particles"),
+        "n_particles": m.get("n_particles_total", m.get("n_particles")),  # older runs: n_particles
         "smoke": bool(cfg.get("smoke", False)),
         "root": str(cfg.data.get("root") or ""),
         # a simulator-written replica (simulate --layout cryobench), not the download

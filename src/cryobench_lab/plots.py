@@ -97,51 +97,63 @@ def plot_latent(
     axis_labels: Sequence[str] = ("PC1", "PC2"),
     title: str = "Latent space",
     max_points: int = 20000,
+    classes=None,
 ) -> Path:
     """Scatter of a 2D embedding (N, 2) coloured by ground-truth state; (N, 1) is drawn against the state.
 
-    labels (N,) ints or None. Up to MAX_LEGEND distinct states get a legend, more a colour bar. Above
-    ``max_points`` an evenly spaced subset is drawn (the title says so) to keep the figure light.
+    labels (N,) ints or None; classes (N,) the model's assigned classes or None. With both, two panels side
+    by side (predicted class | true state): a mixture's per-class latents overlap between classes, so the
+    state colours alone look mixed even when every image is classified right. Up to MAX_LEGEND distinct
+    values get a legend, more a colour bar. Above ``max_points`` an evenly spaced subset is drawn (the title
+    says so) to keep the figure light.
     """
     emb = _np(embedding).astype(np.float64)
     emb = emb[:, None] if emb.ndim == 1 else emb
     lab = None if labels is None else _np(labels).astype(np.int64)
+    cls = None if classes is None else _np(classes).astype(np.int64)
     n_total = len(emb)
     if n_total > max_points:
         keep = np.linspace(0, n_total - 1, max_points).astype(np.int64)
-        emb, lab = emb[keep], None if lab is None else lab[keep]
+        emb = emb[keep]
+        lab, cls = (None if a is None else a[keep] for a in (lab, cls))
         title = f"{title} ({max_points} of {n_total} images)"
+    panels = [(a, name) for a, name in ((cls, "predicted class"), (lab, "ground-truth state")) if a is not None]
+    panels = panels or [(None, "")]
+    fig = Figure(figsize=(5.6 * len(panels), 4.6), dpi=130, layout="constrained")
+    for i, (values, name) in enumerate(panels):
+        _latent_panel(fig.add_subplot(1, len(panels), i + 1), fig, emb, values, name, axis_labels,
+                      title if len(panels) == 1 else f"{title}: coloured by {name}")
+    return save_figure(fig, path)
+
+
+def _latent_panel(ax, fig, emb, lab, name: str, axis_labels, title: str) -> None:
     one_d = emb.shape[1] == 1
     if one_d:
-        rng = np.random.default_rng(0)  # vertical jitter separates overlapping points of one state
+        rng = np.random.default_rng(0)  # vertical jitter separates overlapping points of one value
         y = (lab if lab is not None else np.zeros(len(emb))) + rng.uniform(-0.25, 0.25, len(emb))
         emb = np.column_stack([emb[:, 0], y])
-    fig = Figure(figsize=(5.6, 4.6), dpi=130, layout="constrained")
-    ax = fig.add_subplot()
     size = max(2.0, 30.0 / np.sqrt(max(len(emb), 1) / 100))
+    word = "class" if name == "predicted class" else "state"
     if lab is None:
         ax.scatter(emb[:, 0], emb[:, 1], s=size, alpha=0.6, lw=0, color="tab:blue", label="images")
         ax.legend(fontsize=8, markerscale=2)
     else:
-        states = np.unique(lab)
-        if len(states) <= MAX_LEGEND:
-            for s, colour in zip(states, _state_colours(len(states))):
-                sel = lab == s
-                ax.scatter(
-                    emb[sel, 0], emb[sel, 1], s=size, alpha=0.6, lw=0, color=colour, label=f"state {s}"
-                )
-            ax.legend(fontsize=7, markerscale=2, title="ground truth", title_fontsize=7, loc="best")
+        values = np.unique(lab)
+        if len(values) <= MAX_LEGEND:
+            for v, colour in zip(values, _state_colours(len(values))):
+                sel = lab == v
+                ax.scatter(emb[sel, 0], emb[sel, 1], s=size, alpha=0.6, lw=0, color=colour, label=f"{word} {v}")
+            ax.legend(fontsize=7, markerscale=2, title=name, title_fontsize=7, loc="best")
         else:
             sc = ax.scatter(emb[:, 0], emb[:, 1], c=lab, s=size, alpha=0.7, lw=0, cmap="viridis")
-            fig.colorbar(sc, ax=ax, label="ground-truth state")
+            fig.colorbar(sc, ax=ax, label=name)
     ax.set_xlabel(axis_labels[0])
     if one_d:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("ground-truth state (jittered)")
+        ax.set_ylabel(f"{name or 'image'} (jittered)")
     else:
         ax.set_ylabel(axis_labels[1])
-    ax.set_title(title)
-    return save_figure(fig, path)
+    ax.set_title(title, fontsize=9)
 
 
 def plot_confusion(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
+from cryobench_lab.callbacks.exports import LatentSnapshots
 from cryobench_lab.callbacks.progress import RunLog, RunProgressBar, append_run_log, quiet_library_noise
 from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
 from cryobench_lab.config import validate
@@ -338,6 +339,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
     )
     trainer.callbacks.append(SumBuffersAcrossRanks())  # DDP: accumulator methods sum over ranks
+    trainer.callbacks.append(LatentSnapshots(datamodule, str(out_dir), m.latents_every))  # z.<epoch>.pkl
     if ckpt_path:
         print(f"[cryobench_lab] resuming from {ckpt_path}", file=sys.stderr)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

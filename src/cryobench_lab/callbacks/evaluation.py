@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cryobench_lab import plots
+from cryobench_lab.callbacks.exports import write_run_exports
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
@@ -165,7 +166,10 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             axis_labels = [f"PC{i + 1} ({100 * float(e):.0f}% var.)" for i, e in enumerate(explained)]
         else:
             embedding, axis_labels = z, ["latent z"]
-        figures["latent"] = plots.plot_latent(fig_dir / "latent_pca.png", embedding, labels, axis_labels=axis_labels)
+        figures["latent"] = plots.plot_latent(fig_dir / "latent_pca.png", embedding, labels, axis_labels=axis_labels,
+                                              classes=probs.argmax(1) if probs is not None else None)
+    if options.save_volumes:  # files other tools read (callbacks/exports.py), before metrics.json
+        write_run_exports(out_dir, model, info, result, latent, probs, labels, decode)
     if was_training:
         model.train()
     return {f"{split}/{k}": v for k, v in result.items()}, figures
@@ -273,7 +277,7 @@ class EvaluationCallback(L.Callback):
         self.metrics = {
             **self.header,
             "method": pl_module.method_name,
-            "n_particles": info.n_particles,
+            "n_particles_total": info.n_particles,  # all states (data.n_particles is per state)
             "box_size": info.box_size,
             "apix": info.apix,
             "train/wall_time_s": wall,

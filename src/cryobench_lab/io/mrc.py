@@ -64,7 +64,10 @@ def write_mrc(
 ) -> None:
     """Write a map (or a single 2D image) as float32 MRC with voxel size ``apix`` Å, atomically.
 
-    ``origin`` (x, y, z) in Å goes into the header's origin field when given. A map with NaN or Inf values
+    ``origin`` (x, y, z) in Å goes into the header's origin field; by default a 3D map gets
+    :func:`centred_origin`, so that its box centre (index ``D // 2``) sits at (0, 0, 0) Å, the frame of every
+    atomic model the project reads and writes (docs/conventions.md): ChimeraX then shows maps and models
+    together without a fit. A map with NaN or Inf values
     is refused (TrainingError): it can only come from a diverged computation and must never be a result.
     """
     data = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
@@ -74,8 +77,15 @@ def write_mrc(
     with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = float(apix)
+        if origin is None and data.ndim == 3:
+            origin = centred_origin(data.shape, apix)
         if origin is not None:
             mrc.header.origin = tuple(float(o) for o in origin)
+
+
+def centred_origin(shape: tuple[int, int, int], apix: float) -> tuple[float, float, float]:
+    """Header origin (x, y, z) Å of a ``[z, y, x]`` map whose voxel ``n // 2`` on each axis is at 0 Å."""
+    return tuple(-(n // 2) * float(apix) for n in (shape[2], shape[1], shape[0]))
 
 
 def write_stack(path: str | os.PathLike, images: np.ndarray, apix: float) -> None:

@@ -338,13 +338,14 @@ def write_particle_star(
     apix: float,
     D: int,
     labels=None,
+    extra: dict | None = None,
 ) -> None:
     """Write a RELION 3.1 particle STAR file from arrays, atomically.
 
     ``image_names`` are ``index@path`` strings (1-based index); ``rot`` (N, 3, 3) pose matrices → Euler
     angles (degrees); ``trans_px`` (N, 2) px → ``rlnOriginX/YAngst`` (× apix); ``ctf`` (N, 9) cryoDRGN
     layout (its D and apix columns must match ``D`` and ``apix``); ``labels`` (N,) 0-based →
-    ``rlnClassNumber`` (1-based). ``rot``, ``trans_px``, ``ctf`` may be None to leave those columns out.
+    ``rlnClassNumber`` (1-based); ``extra`` further per-particle columns ``{label: (N,) values}``. ``rot``, ``trans_px``, ``ctf`` may be None to leave those columns out.
     Voltage, Cs and amplitude contrast go to the optics table.
     """
     df = pd.DataFrame({"rlnImageName": list(image_names)})
@@ -370,6 +371,8 @@ def write_particle_star(
             df[col] = ctf[:, k]
     if labels is not None:
         df["rlnClassNumber"] = np.asarray(labels, dtype=np.int64) + 1
+    for label, values in (extra or {}).items():
+        df[label] = np.asarray(values)
     df["rlnImagePixelSize"] = float(apix)
     df["rlnImageSize"] = int(D)
     write_star(path, df)

@@ -187,7 +187,7 @@ class FocusedClassification(MulticlassEM):
         stack = torch.cat(images) / dataset.scale * (-1.0 if dataset.invert else 1.0)  # (N, D, D)
         mrcs = (Path(out_dir) / "subtracted.mrcs").resolve()
         write_stack(mrcs, stack.numpy(), apix=self.apix)
-        names = [f"{i + 1}@{mrcs}" for i in range(len(stack))]
+        names = [f"{i + 1}@{mrcs.name}" for i in range(len(stack))]  # beside the star file
         ctf = dataset.ctf.numpy() if dataset.ctf is not None else None
         write_particle_star(Path(out_dir) / "subtracted.star", names, dataset.rot.numpy(), dataset.trans.numpy(),
                             ctf, apix=self.apix, D=self.D)

@@ -495,10 +495,11 @@ class MixtureOfFields(ReconstructionModule):
         save_pickle(out_dir / "classes.pkl", classes.numpy().astype(np.int64))
         if z is not None:
             save_pickle(out_dir / "z.pkl", z.numpy().astype(np.float32))
-        self._write_star(out_dir / "particles_classes.star", classes.numpy(), datamodule)
+        max_prob = probs.max(1).values.numpy() if probs is not None else None
+        self._write_star(out_dir / "particles_classes.star", classes.numpy(), datamodule, max_prob)
         if was_training:
             self.train()
         return {"class_sizes": sizes.tolist()}
 
-    def _write_star(self, path: Path, classes: np.ndarray, datamodule) -> None:
-        write_class_star(path, classes, self.info, datamodule)
+    def _write_star(self, path: Path, classes: np.ndarray, datamodule, max_prob: np.ndarray | None = None) -> None:
+        write_class_star(path, classes, self.info, datamodule, max_prob)

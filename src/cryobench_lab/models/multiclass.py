@@ -480,7 +480,8 @@ class MulticlassEM(ReconstructionModule):
             save_pickle(out_dir / f"class_{k:03d}_indices.pkl", torch.nonzero(classes == k).squeeze(1).numpy().astype(np.int64))
         save_pickle(out_dir / "posteriors.pkl", probs.numpy().astype(np.float32))
         save_pickle(out_dir / "classes.pkl", classes.numpy().astype(np.int64))
-        write_class_star(out_dir / "particles_classes.star", classes.numpy(), self.info, datamodule)
+        write_class_star(out_dir / "particles_classes.star", classes.numpy(), self.info, datamodule,
+                         probs.max(1).values.numpy())
         summary = {"class_sizes": sizes.tolist(), "class_priors": self.log_pi.exp().tolist()}
         for name, payload in (("class_sizes.json", summary), ("log_likelihood.json", {"log_likelihood": self.log_likelihood})):
             write_json_atomic(out_dir / name, payload)

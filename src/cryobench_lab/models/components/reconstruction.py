@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cryobench_lab.data.presets import default_cache_dir
+from cryobench_lab.io.exports import portable_stack
 from cryobench_lab.io.star import (
     image_locations,
     read_star,
@@ -52,25 +54,34 @@ class NearestGrid:
         return images.reshape(*images.shape[:-2], -1)[..., self.band]
 
 
-def write_class_star(path: Path, classes: np.ndarray, info, datamodule) -> None:
-    """The input particle table with ``rlnClassNumber`` (1-based) and absolute image paths; for a bare stack
-    a new table from the loaded metadata; other inputs (cs, txt) get a warning (``classes.pkl`` has them)."""
+def write_class_star(path: Path, classes: np.ndarray, info, datamodule, max_prob: np.ndarray | None = None) -> None:
+    """The input particle table with ``rlnClassNumber`` (1-based) and, given ``max_prob`` (N,), RELION's
+    ``rlnMaxValueProbDistribution`` (the largest class posterior of each image); for a bare stack a new table
+    from the loaded metadata; other inputs (cs, txt) get a warning (``classes.pkl`` has them).
+
+    Image paths are relative to the new file; stacks in the dataset cache are linked beside it
+    (io/exports.py ``portable_stack``), so the file still opens after the cache is cleaned or moved."""
     source = Path(info.source)
+    star_dir = Path(path).parent
     if source.suffix == ".star" and source.exists():
         df = read_star(source)
         optics_columns = df.attrs.get("optics_columns", [])
         df = df.drop(columns=[c for c in optics_columns if c in df.columns and c != "rlnOpticsGroup"])
-        # absolute stack paths: the new file lives in the run folder, not next to the stacks
         paths, indices = image_locations(df, source, getattr(datamodule.cfg, "datadir", None))
-        df["rlnImageName"] = [f"{i + 1}@{p}" for i, p in zip(indices, paths)]
+        portable = {p: portable_stack(Path(p), star_dir, default_cache_dir()) for p in set(paths)}
+        df["rlnImageName"] = [f"{i + 1}@{portable[p]}" for i, p in zip(indices, paths)]
         df["rlnClassNumber"] = classes + 1
+        if max_prob is not None:
+            df["rlnMaxValueProbDistribution"] = np.asarray(max_prob, dtype=np.float64)
         optics = read_star_blocks(source).get("optics")
         write_star(path, df, optics if optics is not None and len(optics) else None)
         return
     meta = datamodule.dataset.meta
     if source.suffix in (".mrcs", ".mrc"):
-        names = [f"{i + 1}@{source}" for i in range(len(classes))]
-        write_particle_star(path, names, meta.rot, meta.trans_px, meta.ctf, apix=meta.apix, D=meta.D, labels=classes)
+        stack = portable_stack(source, star_dir, default_cache_dir())
+        names = [f"{i + 1}@{stack}" for i in range(len(classes))]
+        write_particle_star(path, names, meta.rot, meta.trans_px, meta.ctf, apix=meta.apix, D=meta.D, labels=classes,
+                            extra={"rlnMaxValueProbDistribution": max_prob} if max_prob is not None else None)
     else:
         rank_zero_warn(f"{source.name}: class assignments are written as classes.pkl only; a STAR file needs "
                        "per-particle image names, which only .star and .mrcs inputs give")
