@@ -65,6 +65,8 @@ from cryobench_lab.models.components.atoms import (
     quaternion_vector_to_matrix,
     residue_gaussians,
 )
+from cryobench_lab.metrics.alignment import fit_atoms
+from cryobench_lab.models.components.consensus import consensus_map
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
 from cryobench_lab.physics.ctf import ctf_from_params
@@ -124,6 +126,7 @@ class SegmentVAE(ReconstructionModule):
         epochs: int = 30,
         traversal_steps: int = 10,
         volume: str = "atoms",
+        fit_base: bool = False,
     ):
         super().__init__(info, name)
         if mode not in MODES:
@@ -145,6 +148,9 @@ class SegmentVAE(ReconstructionModule):
         self.register_buffer("amplitudes", torch.from_numpy(self.base.amplitudes))  # (n,)
         self.register_buffer("sigmas", torch.full((n,), float(sigma)))
         self.register_buffer("image_scale", torch.tensor(0.0))
+        # rigid fit of the base into the consensus map (fit_base): rotation applied to the file's coordinates
+        self.register_buffer("fit_rotation", torch.eye(3))
+        self.register_buffer("base_fitted", torch.tensor(False))
         # the heavy atoms, moved with their residues for volumes and structures (not used in training)
         self.register_buffer("atom_coords0", torch.from_numpy(self.base.atom_coords), persistent=False)  # (n_atoms, 3) Å
         self.register_buffer("atom_residue", torch.from_numpy(self.base.atom_residue), persistent=False)  # (n_atoms,)
@@ -178,6 +184,37 @@ class SegmentVAE(ReconstructionModule):
         self.n_transforms = n_transforms
         self.encoder = MLPEncoder(self.D, 2 * latent_dim, encoder_hidden, encoder_layers)
         self.decoder = _mlp(latent_dim, decoder_hidden, decoder_layers, 6 * n_transforms)
+
+    # ---- base placement ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.hparams.fit_base and not bool(self.base_fitted):
+            dm = self.trainer.datamodule
+            self.dock_base(consensus_map(dm.all_dataloader(), self.D, self.apix))
+
+    @torch.no_grad()
+    def dock_base(self, density: torch.Tensor) -> dict:
+        """Move the base rigidly to its best fit in ``density (D, D, D)`` (metrics.alignment.fit_atoms on its
+        heavy atoms); the residues, atoms, local frames and centre move together. Returns the fit."""
+        fit = fit_atoms((self.atom_coords0 + self.offset).cpu(), self.atom_numbers.cpu(), density.cpu(), self.apix)
+        R, t = fit["rotation"].to(self.coords0), fit["translation"].to(self.coords0)
+        # new tensors, not in-place: the buffers share memory with the file's arrays (self.base)
+        self.coords0 = self.coords0 @ R.T
+        self.atom_coords0 = self.atom_coords0 @ R.T
+        self.offset = self.offset @ R.T + t  # the centre moves with the base
+        self.fit_rotation = R @ self.fit_rotation
+        if self.mode == "per_residue":
+            self.frame_origins = self.frame_origins @ R.T
+            self.frame_axes = R @ self.frame_axes
+        self.base_fitted = torch.tensor(True, device=self.coords0.device)
+        return fit
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # atom coordinates are not saved (they come from the file): re-apply the saved fit; checkpoints from
+        # before fit_base have none (identity)
+        state = checkpoint["state_dict"]
+        state.setdefault("fit_rotation", torch.eye(3))
+        state.setdefault("base_fitted", torch.tensor(False))
+        self.atom_coords0 = torch.from_numpy(self.base.atom_coords).to(self.atom_coords0) @ state["fit_rotation"].to(self.atom_coords0).T
 
     # ---- model -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -341,6 +378,10 @@ class SegmentVAE(ReconstructionModule):
         sigmas = torch.full_like(self.atom_numbers, sigma)
         amplitudes = atom_amplitudes(self.atom_numbers, sigma)
         return torch.stack([voxelize_gaussians(c, sigmas, amplitudes, self.D, self.apix) for c in self.structure(latent, atoms=True)])
+
+    def base_structure(self) -> torch.Tensor:
+        """The base's residue coordinates (n_res, 3) Å in the box frame, as placed (docked) for training."""
+        return (self.coords0 + self.offset).detach().cpu()
 
     def segment_labels(self) -> np.ndarray | None:
         """Segment of each residue (posterior means), (n_res,) int64; None for per_residue (no segments)."""
