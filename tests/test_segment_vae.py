@@ -310,12 +310,10 @@ def test_fit_base_docks_the_base_into_a_map_and_survives_a_checkpoint():
     # a fresh model loading the checkpoint has the docked base (atom coordinates are not in the state dict)
     fresh = SegmentVAE(info, n_segments=6, encoder_hidden=32, decoder_hidden=32, encoder_layers=1, decoder_layers=1, fit_base=True)
     ckpt = {"state_dict": {k: v.clone() for k, v in m.state_dict().items()}}
-    fresh.on_load_checkpoint(ckpt)
     fresh.load_state_dict(ckpt["state_dict"])
     assert rms(fresh.atom_coords0 + fresh.offset, m.atom_coords0 + m.offset) < 1e-4
     # an old checkpoint (before fit_base) still loads, undocked
     old = {"state_dict": {k: v for k, v in SegmentVAE(info, n_segments=6, encoder_hidden=32, decoder_hidden=32,
            encoder_layers=1, decoder_layers=1).state_dict().items() if k not in ("fit_rotation", "base_fitted")}}
-    fresh.on_load_checkpoint(old)
     fresh.load_state_dict(old["state_dict"])
     assert rms(fresh.atom_coords0 + fresh.offset, start) < 1e-4

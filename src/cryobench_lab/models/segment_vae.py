@@ -39,6 +39,11 @@ depends on σ, since a Gaussian blur scales each shell almost uniformly). ``volu
 the residue Gaussians themselves; they lack the side chains and backbone atoms around Cα, which caps their
 FSC against atom-built maps (BENCHMARKS.md, issue 5).
 
+Placement (``fit_base``): before training, the base is docked rigidly into the consensus map of the images
+(components/consensus.py: one backprojection with the given poses, labels unused) by
+``metrics.alignment.fit_atoms``; the fit (``fit_rotation``, ``offset``) is kept in the checkpoint. Without
+it, the file's coordinates are taken as Å from the box centre.
+
 Optimisation: Adam, ``lr`` for the encoder/decoder and ``seg_lr`` for the segmentation. The paper's
 values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; the CPU default
 (``segvae.yaml``) uses a 10× larger network lr (the measurement is in that file's comment).
@@ -48,7 +53,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gemmi
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +60,8 @@ from torch import nn
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.io.structures import write_models
+from cryobench_lab.metrics.alignment import fit_atoms
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
     local_frames,
@@ -65,7 +71,6 @@ from cryobench_lab.models.components.atoms import (
     quaternion_vector_to_matrix,
     residue_gaussians,
 )
-from cryobench_lab.metrics.alignment import fit_atoms
 from cryobench_lab.models.components.consensus import consensus_map
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
@@ -155,6 +160,7 @@ class SegmentVAE(ReconstructionModule):
         self.register_buffer("atom_coords0", torch.from_numpy(self.base.atom_coords), persistent=False)  # (n_atoms, 3) Å
         self.register_buffer("atom_residue", torch.from_numpy(self.base.atom_residue), persistent=False)  # (n_atoms,)
         self.register_buffer("atom_numbers", torch.from_numpy(self.base.atom_numbers), persistent=False)  # (n_atoms,)
+        self._register_load_state_dict_pre_hook(self._restore_fit)
         # rfft2 frequencies in 1/Å (rows ky in FFT order, then one extra row at ky = +D/2; columns kx ≥ 0)
         # (integer indices / (D·apix), the same float operations as physics.lattice.freq_grid_2d)
         ky = torch.cat([torch.fft.fftfreq(self.D, d=1 / self.D).round(), torch.tensor([self.D / 2])])  # (D+1,)
@@ -208,13 +214,13 @@ class SegmentVAE(ReconstructionModule):
         self.base_fitted = torch.tensor(True, device=self.coords0.device)
         return fit
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # atom coordinates are not saved (they come from the file): re-apply the saved fit; checkpoints from
-        # before fit_base have none (identity)
-        state = checkpoint["state_dict"]
-        state.setdefault("fit_rotation", torch.eye(3))
-        state.setdefault("base_fitted", torch.tensor(False))
-        self.atom_coords0 = torch.from_numpy(self.base.atom_coords).to(self.atom_coords0) @ state["fit_rotation"].to(self.atom_coords0).T
+    def _restore_fit(self, state: dict, prefix: str, *args) -> None:
+        # load_state_dict pre-hook (every loading path): atom coordinates are not saved (they come from the
+        # file), so re-apply the saved fit; a state dict from before fit_base has none (identity)
+        state.setdefault(prefix + "fit_rotation", torch.eye(3))
+        state.setdefault(prefix + "base_fitted", torch.tensor(False))
+        R = state[prefix + "fit_rotation"].to(self.atom_coords0)
+        self.atom_coords0 = torch.from_numpy(self.base.atom_coords).to(self.atom_coords0) @ R.T
 
     # ---- model -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -423,20 +429,3 @@ class SegmentVAE(ReconstructionModule):
             self.train()
         return written
 
-
-def write_models(path: Path, structure: gemmi.Structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
-    """``structure`` (one model) with its atoms at ``coords (M, n_atoms, 3)`` Å, as an M-model PDB, and
-    ``bfactors (n_atoms,)`` in every model's B-factor column (e.g. the segment of each atom's residue).
-    Atoms in the structure's order; written atomically."""
-    out = gemmi.Structure()
-    out.cell, out.spacegroup_hm = structure.cell, structure.spacegroup_hm
-    for m, xyz in enumerate(coords):
-        model = structure[0].clone()
-        model.num = m + 1
-        for row, atom in enumerate(a for chain in model for res in chain for a in res):
-            atom.pos = gemmi.Position(*map(float, xyz[row]))
-            atom.b_iso = float(bfactors[row])
-        out.add_model(model)
-    out.setup_entities()
-    with atomic_path(path) as tmp:
-        out.write_pdb(str(tmp))
