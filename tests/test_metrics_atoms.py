@@ -115,3 +115,24 @@ def test_adk_transition_domain_distances_and_clashes_on_real_models():
     s = read_structure(SHARED / "structures" / "mmcif_7cth.cif")
     chain = np.unique(s.residue_chain_ids, return_inverse=True)[1]
     assert count_clashes(s.residue_coords, s.residue_chain_ids) == _brute_force(s.residue_coords, chain)
+
+
+def test_superposed_rmsd_ignores_rigid_motion_and_matches_a_numpy_kabsch():
+    from cryobench_lab.metrics.atoms import superposed_rmsd
+    from cryobench_lab.physics.rotations import random_rotations
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3)) * 10
+    Q = random_rotations(1, torch.Generator().manual_seed(2), dtype=torch.float64)[0].numpy()
+    y = x @ Q.T + np.array([5.0, -2.0, 7.0])
+    assert float(superposed_rmsd(x, y)[0]) < 1e-9
+    # mirror images are not superposable by a rotation
+    assert float(superposed_rmsd(x, y * np.array([1.0, 1.0, -1.0]))[0]) > 1.0
+    # a deformation: compare with an independent Kabsch (numpy SVD, positions centred)
+    z = y + rng.normal(size=y.shape)
+    a, b = x - x.mean(0), z - z.mean(0)
+    U, _, Vt = np.linalg.svd(b.T @ a)
+    R = U @ np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))]) @ Vt  # a @ R.T ≈ b
+    ref = np.sqrt(((a @ R.T - b) ** 2).sum(1).mean())
+    out = superposed_rmsd(x, np.stack([y, z]))
+    np.testing.assert_allclose(out.numpy(), [0.0, ref], atol=1e-9)

@@ -287,3 +287,33 @@ def test_half_spectrum_ctf_equals_the_centred_full_spectrum_filter(model):
     params[:, 4] = torch.tensor([10.0, 75.0, 140.0])  # astigmatism angles: CTF(kx, ky) ≠ CTF(−kx, ky)
     ref = ifft2_center(fft2_center(x) * ctf_from_params(freq_grid_2d(D, APIX)[None], params)).real
     torch.testing.assert_close(model.apply_ctf(x, params), ref, rtol=0, atol=1e-5)
+
+
+def test_fit_base_docks_the_base_into_a_map_and_survives_a_checkpoint():
+    from cryobench_lab.data.simulate import blur_sigma, read_states, render_volume
+
+    pdb = ADK.parent / "pdb1ake.pdb.gz"  # the crystal structure, in its own frame
+    info = DatasetInfo(n_particles=8, box_size=48, apix=2.0, has_poses=True, structure=str(pdb))
+    m = SegmentVAE(info, n_segments=6, encoder_hidden=32, decoder_hidden=32, encoder_layers=1, decoder_layers=1, fit_base=True)
+    start = (m.atom_coords0 + m.offset).double()
+    Q = random_rotations(1, torch.Generator().manual_seed(5), dtype=torch.float64)[0]
+    target = (start - start.mean(0)) @ Q.T + torch.tensor([2.0, -3.0, 1.5], dtype=torch.float64)  # Å from box centre
+    state = read_states(pdb, frame="t")[0]
+    density = render_volume(state.with_coords(target.numpy(), "t", "t"), np.zeros(3), 48, 2.0, blur_sigma(2.0))
+    m.dock_base(torch.as_tensor(density))
+    rms = lambda a, b: float(((a.double() - b.double()) ** 2).sum(-1).mean().sqrt())
+    assert rms(start, target) > 10.0
+    assert rms(m.atom_coords0 + m.offset, target) < 0.5  # Å
+    ca = torch.from_numpy(m.base.structure.atom_coords[m.base.structure.residue_atom_index] - m.base.origin)
+    assert rms(m.base_structure(), (ca.double() @ m.fit_rotation.double().T) + m.offset.double()) < 1e-3
+    assert bool(m.base_fitted)
+    # a fresh model loading the checkpoint has the docked base (atom coordinates are not in the state dict)
+    fresh = SegmentVAE(info, n_segments=6, encoder_hidden=32, decoder_hidden=32, encoder_layers=1, decoder_layers=1, fit_base=True)
+    ckpt = {"state_dict": {k: v.clone() for k, v in m.state_dict().items()}}
+    fresh.load_state_dict(ckpt["state_dict"])
+    assert rms(fresh.atom_coords0 + fresh.offset, m.atom_coords0 + m.offset) < 1e-4
+    # an old checkpoint (before fit_base) still loads, undocked
+    old = {"state_dict": {k: v for k, v in SegmentVAE(info, n_segments=6, encoder_hidden=32, decoder_hidden=32,
+           encoder_layers=1, decoder_layers=1).state_dict().items() if k not in ("fit_rotation", "base_fitted")}}
+    fresh.load_state_dict(old["state_dict"])
+    assert rms(fresh.atom_coords0 + fresh.offset, start) < 1e-4

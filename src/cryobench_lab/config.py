@@ -46,7 +46,9 @@ class DataConfig:
     ctf: Optional[str] = None
     labels: Optional[str] = None  # .npy or .pkl, one integer label per particle
     gt_volumes: Optional[str] = None  # folder of .mrc files, one per state, paired by the number in their names
-    structure: Optional[str] = None  # base atomic model for atom-based methods
+    # base atomic model for atom-based methods: a path, or (presets) a bundled file's name, e.g. adk/pdb1ake.pdb.gz;
+    # None: the preset's state 0
+    structure: Optional[str] = None
     gt_structures: Optional[str] = None  # folder of per-state atomic models (state_XXX.cif/.pdb) in label order
     # residue groups of the atom metrics: {name: [first, last] residue number}; the rest is CORE. None: the
     # chains are the groups. Typed Any: a typed Optional[Dict] node rejects data.domains={...} on the command line

@@ -273,3 +273,24 @@ def plot_volume_montage(
             axes[r, k].tick_params(labelsize=6)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_auc_vs_rmsd(path, per_state: Sequence[dict], title: str = "Per-state FSC-AUC") -> Path:
+    """Each state's FSC-AUC against the base model's Cα RMSD (Å) to that state; points labelled by state.
+
+    per_state: dicts with ``state``, ``auc`` and ``base_rmsd`` (as in ``per_state`` of metrics.json).
+    """
+    rmsd = np.array([p["base_rmsd"] for p in per_state], dtype=float)
+    auc = np.array([p["auc"] for p in per_state], dtype=float)
+    order = np.argsort(rmsd)
+    fig = Figure(figsize=(5.0, 3.6))
+    ax = fig.add_subplot()
+    ax.plot(rmsd[order], auc[order], "-o", color="tab:blue", ms=4, label="FSC-AUC per state")
+    for p in per_state:
+        ax.annotate(str(p["state"]), (p["base_rmsd"], p["auc"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("Cα RMSD of the base model to the state (Å, superposed)")
+    ax.set_ylabel("FSC-AUC")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

@@ -8,7 +8,10 @@ into the run folder:
   method), plus per-state and per-image details;
 - ``volumes/state_XXX.mrc``: the decoded volume representing each ground-truth state, or
   ``volumes/class_XXX.mrc`` per class when the data has no ground truth (voxel size set);
-- ``figures/*.png``: FSC curves, latent embedding, confusion matrix, class sizes, volume montage.
+- ``figures/*.png``: FSC curves, latent embedding, confusion matrix, class sizes, volume montage; for a
+  method with a base atomic model (``base_structure``) and data with per-state structures, each state's
+  FSC-AUC against the base's Cα RMSD to that state (``fsc_vs_base_rmsd.png``);
+- ``per_state.csv``: ``state, base_rmsd, fsc_auc`` (RMSD in Å after superposition, nan without a base).
 
 The scalar keys depend only on the dataset (which ground truth it carries) and the options, never on the
 method: a metric a method cannot produce (classification without classes, atom metrics without
@@ -33,11 +36,11 @@ import torch
 from cryobench_lab import plots
 from cryobench_lab.callbacks.exports import write_run_exports
 from cryobench_lab.errors import InputError
-from cryobench_lab.io.atomic import write_json_atomic
+from cryobench_lab.io.atomic import atomic_path, write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
 from cryobench_lab.io.structures import read_structure
 from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
-from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups
+from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups, superposed_rmsd
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
 from cryobench_lab.callbacks.references import reference_scores
@@ -159,6 +162,14 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
             figures["class_sizes"] = plots.plot_class_sizes(fig_dir / "class_sizes.png", result["class_sizes"], result.get("confusion"))
     if labels is not None and info.gt_structures:
         result.update(atom_scores(model, latent, probs, info))
+    if result.get("per_state"):
+        rmsd = base_rmsds(model, info)
+        for row in result["per_state"]:
+            row["base_rmsd"] = float(rmsd[row["state"]]) if rmsd is not None else float("nan")
+        write_per_state_csv(out_dir / "per_state.csv", result["per_state"])
+        if rmsd is not None and options.figures:
+            figures["fsc_vs_base_rmsd"] = plots.plot_auc_vs_rmsd(
+                fig_dir / "fsc_vs_base_rmsd.png", result["per_state"], title=f"{getattr(model, 'name', 'model')}: per-state FSC-AUC")
     if latent is not None and options.figures:
         z = assigned_latent(latent, probs)
         if z.shape[1] >= 2:
@@ -227,6 +238,25 @@ def atom_scores(model, latent, probs, info) -> dict:
             domain[g] = k
         out["segmentation_ari"] = float(classification_metrics(torch.as_tensor(segments), torch.as_tensor(domain))["ari"])
     return out
+
+
+def base_rmsds(model, info) -> np.ndarray | None:
+    """Superposed Cα RMSD (Å) of the model's base structure to every state's true structure, (S,); None when
+    the model has no base, the data no per-state structures, or the residues differ."""
+    base = model.base_structure() if hasattr(model, "base_structure") else None
+    if base is None or not info.gt_structures:
+        return None
+    truth = load_gt_structures(info)
+    if any(len(t.residue_coords) != base.shape[0] for t in truth):
+        return None
+    return superposed_rmsd(base, np.stack([t.residue_coords for t in truth])).numpy()
+
+
+def write_per_state_csv(path: Path, per_state: list) -> None:
+    """``state,base_rmsd,fsc_auc`` per ground-truth state (base_rmsd in Å, ``nan`` without a base model)."""
+    lines = ["state,base_rmsd,fsc_auc"] + [f"{r['state']},{r['base_rmsd']:.4f},{r['auc']:.6f}" for r in per_state]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def scalar_metrics(metrics: dict) -> dict:

@@ -272,3 +272,20 @@ def write_structure(path: str | os.PathLike, structure: Structure, coords) -> No
         else:
             st.write_pdb(str(tmp))
 
+
+def write_models(path: str | os.PathLike, structure: gemmi.Structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
+    """``structure`` (one model) with its atoms at ``coords (M, n_atoms, 3)`` Å, as an M-model PDB, and
+    ``bfactors (n_atoms,)`` in every model's B-factor column (e.g. the segment of each atom's residue).
+    Atoms in the structure's order; written atomically."""
+    out = gemmi.Structure()
+    out.cell, out.spacegroup_hm = structure.cell, structure.spacegroup_hm
+    for m, xyz in enumerate(coords):
+        model = structure[0].clone()
+        model.num = m + 1
+        for row, atom in enumerate(a for chain in model for res in chain for a in res):
+            atom.pos = gemmi.Position(*map(float, xyz[row]))
+            atom.b_iso = float(bfactors[row])
+        out.add_model(model)
+    out.setup_entities()
+    with atomic_path(path) as tmp:
+        out.write_pdb(str(tmp))

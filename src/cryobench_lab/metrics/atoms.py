@@ -211,3 +211,20 @@ def per_image_atom_metrics(
     out["clashes_median"] = float(clashes.median())
     out["clashes_true_median"] = float(true_clashes.median())
     return out
+
+
+def superposed_rmsd(coords, ref) -> torch.Tensor:
+    """RMSD (Å) of ``coords (n, 3)`` to each of ``ref (M, n, 3)`` or ``(n, 3)`` after the optimal rigid
+    superposition (Kabsch, rotations only, no mirror) → (M,) float64."""
+    x = _tensor(coords, torch.float64)
+    y = _tensor(ref, torch.float64)
+    y = y[None] if y.dim() == 2 else y  # (M, n, 3)
+    if x.dim() != 2 or y.shape[1:] != x.shape:
+        raise InputError(f"superposed_rmsd: coords {tuple(x.shape)} and ref {tuple(y.shape)} must hold the same residues")
+    x = x - x.mean(0)
+    y = y - y.mean(1, keepdim=True)
+    U, _, Vh = torch.linalg.svd(x.T @ y)  # (M, 3, 3): x·R ≈ y with R = U S Vh
+    d = torch.sign(torch.linalg.det(U @ Vh))
+    S = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
+    R = U @ S @ Vh
+    return ((x @ R - y) ** 2).sum(-1).mean(-1).sqrt()

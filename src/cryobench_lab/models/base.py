@@ -17,7 +17,10 @@ Atom hooks (optional; the defaults return None = "no atoms"):
   every labelled image's latent and computes the distance correlation of the residue groups
   (``DatasetInfo.domains``, else chains) and the Cα clashes against each image's true state;
 - :meth:`ReconstructionModule.segment_labels` → the segment of each residue (n_res,), scored by ARI
-  against those residue groups.
+  against those residue groups;
+- :meth:`ReconstructionModule.base_structure` → the residue coordinates (n_res, 3) of the base model a
+  deformation method starts from; the scorer reports its superposed Cα RMSD to each state beside that
+  state's FSC-AUC (how far each state is from where the method starts).
 
 A method never computes metrics itself; a metric it cannot produce is written as NaN under the same key.
 
@@ -107,6 +110,11 @@ class ReconstructionModule(L.LightningModule):
 
     def structure(self, latent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Residue coordinates (M, n_res, 3) Å (box frame) for latents (M, d); None: the method has no atoms."""
+        return None
+
+    def base_structure(self) -> Optional[torch.Tensor]:
+        """Residue coordinates (n_res, 3) Å (box frame) of the atomic model the method starts from, as placed
+        for training; None: the method has no base model. Scored: its RMSD to each state (``per_state.csv``)."""
         return None
 
     def segment_labels(self) -> Optional[np.ndarray]:

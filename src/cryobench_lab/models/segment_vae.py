@@ -39,6 +39,11 @@ depends on σ, since a Gaussian blur scales each shell almost uniformly). ``volu
 the residue Gaussians themselves; they lack the side chains and backbone atoms around Cα, which caps their
 FSC against atom-built maps (BENCHMARKS.md, issue 5).
 
+Placement (``fit_base``): before training, the base is docked rigidly into the consensus map of the images
+(components/consensus.py: one backprojection with the given poses, labels unused) by
+``metrics.alignment.fit_atoms``; the fit (``fit_rotation``, ``offset``) is kept in the checkpoint. Without
+it, the file's coordinates are taken as Å from the box centre.
+
 Optimisation: Adam, ``lr`` for the encoder/decoder and ``seg_lr`` for the segmentation. The paper's
 values (3e-5 / 3e-4, batch 128) are kept in ``conf/model/segvae_paper.yaml``; the CPU default
 (``segvae.yaml``) uses a 10× larger network lr (the measurement is in that file's comment).
@@ -48,7 +53,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gemmi
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +60,8 @@ from torch import nn
 from cryobench_lab.data.particles import DatasetInfo
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path
+from cryobench_lab.io.structures import write_models
+from cryobench_lab.metrics.alignment import fit_atoms
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
     local_frames,
@@ -65,6 +71,7 @@ from cryobench_lab.models.components.atoms import (
     quaternion_vector_to_matrix,
     residue_gaussians,
 )
+from cryobench_lab.models.components.consensus import consensus_map
 from cryobench_lab.models.components.encoders import MLPEncoder
 from cryobench_lab.models.components.segmentation import FixedSegmentation, GMMSegmentation
 from cryobench_lab.physics.ctf import ctf_from_params
@@ -124,6 +131,7 @@ class SegmentVAE(ReconstructionModule):
         epochs: int = 30,
         traversal_steps: int = 10,
         volume: str = "atoms",
+        fit_base: bool = False,
     ):
         super().__init__(info, name)
         if mode not in MODES:
@@ -145,10 +153,14 @@ class SegmentVAE(ReconstructionModule):
         self.register_buffer("amplitudes", torch.from_numpy(self.base.amplitudes))  # (n,)
         self.register_buffer("sigmas", torch.full((n,), float(sigma)))
         self.register_buffer("image_scale", torch.tensor(0.0))
+        # rigid fit of the base into the consensus map (fit_base): rotation applied to the file's coordinates
+        self.register_buffer("fit_rotation", torch.eye(3))
+        self.register_buffer("base_fitted", torch.tensor(False))
         # the heavy atoms, moved with their residues for volumes and structures (not used in training)
         self.register_buffer("atom_coords0", torch.from_numpy(self.base.atom_coords), persistent=False)  # (n_atoms, 3) Å
         self.register_buffer("atom_residue", torch.from_numpy(self.base.atom_residue), persistent=False)  # (n_atoms,)
         self.register_buffer("atom_numbers", torch.from_numpy(self.base.atom_numbers), persistent=False)  # (n_atoms,)
+        self._register_load_state_dict_pre_hook(self._restore_fit)
         # rfft2 frequencies in 1/Å (rows ky in FFT order, then one extra row at ky = +D/2; columns kx ≥ 0)
         # (integer indices / (D·apix), the same float operations as physics.lattice.freq_grid_2d)
         ky = torch.cat([torch.fft.fftfreq(self.D, d=1 / self.D).round(), torch.tensor([self.D / 2])])  # (D+1,)
@@ -178,6 +190,37 @@ class SegmentVAE(ReconstructionModule):
         self.n_transforms = n_transforms
         self.encoder = MLPEncoder(self.D, 2 * latent_dim, encoder_hidden, encoder_layers)
         self.decoder = _mlp(latent_dim, decoder_hidden, decoder_layers, 6 * n_transforms)
+
+    # ---- base placement ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.hparams.fit_base and not bool(self.base_fitted):
+            dm = self.trainer.datamodule
+            self.dock_base(consensus_map(dm.all_dataloader(), self.D, self.apix))
+
+    @torch.no_grad()
+    def dock_base(self, density: torch.Tensor) -> dict:
+        """Move the base rigidly to its best fit in ``density (D, D, D)`` (metrics.alignment.fit_atoms on its
+        heavy atoms); the residues, atoms, local frames and centre move together. Returns the fit."""
+        fit = fit_atoms((self.atom_coords0 + self.offset).cpu(), self.atom_numbers.cpu(), density.cpu(), self.apix)
+        R, t = fit["rotation"].to(self.coords0), fit["translation"].to(self.coords0)
+        # new tensors, not in-place: the buffers share memory with the file's arrays (self.base)
+        self.coords0 = self.coords0 @ R.T
+        self.atom_coords0 = self.atom_coords0 @ R.T
+        self.offset = self.offset @ R.T + t  # the centre moves with the base
+        self.fit_rotation = R @ self.fit_rotation
+        if self.mode == "per_residue":
+            self.frame_origins = self.frame_origins @ R.T
+            self.frame_axes = R @ self.frame_axes
+        self.base_fitted = torch.tensor(True, device=self.coords0.device)
+        return fit
+
+    def _restore_fit(self, state: dict, prefix: str, *args) -> None:
+        # load_state_dict pre-hook (every loading path): atom coordinates are not saved (they come from the
+        # file), so re-apply the saved fit; a state dict from before fit_base has none (identity)
+        state.setdefault(prefix + "fit_rotation", torch.eye(3))
+        state.setdefault(prefix + "base_fitted", torch.tensor(False))
+        R = state[prefix + "fit_rotation"].to(self.atom_coords0)
+        self.atom_coords0 = torch.from_numpy(self.base.atom_coords).to(self.atom_coords0) @ R.T
 
     # ---- model -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -342,6 +385,10 @@ class SegmentVAE(ReconstructionModule):
         amplitudes = atom_amplitudes(self.atom_numbers, sigma)
         return torch.stack([voxelize_gaussians(c, sigmas, amplitudes, self.D, self.apix) for c in self.structure(latent, atoms=True)])
 
+    def base_structure(self) -> torch.Tensor:
+        """The base's residue coordinates (n_res, 3) Å in the box frame, as placed (docked) for training."""
+        return (self.coords0 + self.offset).detach().cpu()
+
     def segment_labels(self) -> np.ndarray | None:
         """Segment of each residue (posterior means), (n_res,) int64; None for per_residue (no segments)."""
         if self.segmentation is None:
@@ -382,20 +429,3 @@ class SegmentVAE(ReconstructionModule):
             self.train()
         return written
 
-
-def write_models(path: Path, structure: gemmi.Structure, coords: np.ndarray, bfactors: np.ndarray) -> None:
-    """``structure`` (one model) with its atoms at ``coords (M, n_atoms, 3)`` Å, as an M-model PDB, and
-    ``bfactors (n_atoms,)`` in every model's B-factor column (e.g. the segment of each atom's residue).
-    Atoms in the structure's order; written atomically."""
-    out = gemmi.Structure()
-    out.cell, out.spacegroup_hm = structure.cell, structure.spacegroup_hm
-    for m, xyz in enumerate(coords):
-        model = structure[0].clone()
-        model.num = m + 1
-        for row, atom in enumerate(a for chain in model for res in chain for a in res):
-            atom.pos = gemmi.Position(*map(float, xyz[row]))
-            atom.b_iso = float(bfactors[row])
-        out.add_model(model)
-    out.setup_entities()
-    with atomic_path(path) as tmp:
-        out.write_pdb(str(tmp))
