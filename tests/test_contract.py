@@ -49,7 +49,7 @@ _PARTGMM = ["model.n_coarse=32", "model.n_fine=64", "model.hidden_dim=16", "mode
             "model.n_anchors=4", "model.max_parts=3", "model.latent_dim=2", "model.feature_dim=4"]
 _EM = ["model.n_classes=2", "model.pca_passes=1", "model.epochs=3", "model.pad=1"]
 TINY = {
-    "backproject": [],
+    "backproject": [], "oracle": [], "consensus": [],
     "hydra": [*_MIXTURE, "model.n_classes=2"],
     "classify3d": [*_MIXTURE, "model.n_classes=2"],
     "drgnai": _MIXTURE,
