@@ -62,7 +62,7 @@ TINY = {
 }
 # killed at batch 1 of this epoch: the last complete epoch before it is in last.ckpt (partgmm: inside stage 1,
 # so Adam's moments must come back; multiclass/focused: the principal-volume pass, which needs the consensus)
-KILL_EPOCH = {"backproject": 0, "partgmm": 2, "partgmm_flat": 2, "partgmm_posenc": 2, "partgmm_oversegmented": 2}
+KILL_EPOCH = {"backproject": 0, "oracle": 0, "consensus": 0, "partgmm": 2, "partgmm_flat": 2, "partgmm_posenc": 2, "partgmm_oversegmented": 2}
 # one fast representative per method family in the default suite; the rest are slow
 FAST = {"backproject", "hydra", "segvae", "partgmm", "multiclass", "focused"}
 
