@@ -168,6 +168,6 @@ def newest_intact_checkpoint(ckpt_dir: Path) -> tuple[Path | None, dict | None, 
         try:
             return path, load_checkpoint(path), problems
         except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a broken file
-            reason = " ".join(str(err).split())[:120] or type(err).__name__
+            reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__  # its first sentence
             problems.append(f"{path.name} is unreadable ({reason})")
     return None, None, problems
