@@ -148,10 +148,11 @@ def _epoch_step(path: Path) -> tuple[int, int]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The whole checkpoint (every tensor read, so a truncated file fails here, not inside Lightning)."""
+    """The whole checkpoint (every tensor read, so a truncated file fails here, not inside Lightning), loaded
+    as Lightning loads it (``weights_only``: tensors and plain containers only, no code)."""
     import torch  # here: the entry point's start-up checks import this module and should stay quick
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def newest_intact_checkpoint(ckpt_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
@@ -167,6 +168,6 @@ def newest_intact_checkpoint(ckpt_dir: Path) -> tuple[Path | None, dict | None, 
         try:
             return path, load_checkpoint(path), problems
         except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a broken file
-            reason = " ".join(str(err).split())[:120] or type(err).__name__
+            reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__  # its first sentence
             problems.append(f"{path.name} is unreadable ({reason})")
     return None, None, problems
