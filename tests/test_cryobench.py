@@ -231,8 +231,21 @@ def test_experiment_composes_full_and_smoke(compose_train):
     assert (tuned["data"]["box_size"], tuned["model"]["n_classes"], tuned["model"]["latent_dim"]) == (64, 5, 4)
 
 
+def test_experiment_on_a_dataset_without_hints_fails_in_one_line_naming_them(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "cryobench_lab", "experiment=cryobench", "data=tomotwin3", "model=hydra",
+                          f"hydra.run.dir={run}"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "reads data.hints.mixture_classes" in out.stderr and "data=cryobench_<dataset>" in out.stderr
+    assert not run.exists()
+
+
 def test_experiment_on_a_dataset_outside_the_cryobench_layout_fails_at_once(compose_train):
-    """A dataset without hints cannot size the methods; the data are set up (and refused) before the model."""
+    """Where the command-line check does not run (a sweep's jobs), the data are refused before the model, whose
+    sizes would read the missing hints."""
     cfg = compose_train(["experiment=cryobench", "data=tomotwin3", "model=hydra", "+smoke=true"])
     with pytest.raises(InputError, match="data.layout=cryobench"):
         ParticleDataModule(cfg.data).setup()
