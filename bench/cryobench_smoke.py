@@ -1,4 +1,4 @@
-"""Acceptance run of issue 11: a CryoBench-layout replica, every method through experiment=cryobench_* +smoke=true,
+"""Acceptance run of issue 11: a CryoBench-layout replica, every method through experiment=cryobench +smoke=true,
 and the leaderboard table.
 
     python bench/cryobench_smoke.py [--work /tmp/cryobench_smoke] [--methods backproject cryodrgn ...]
@@ -7,9 +7,10 @@ Runs that finished in an earlier invocation with the same --work folder are reus
 
 1. Simulates the ``adk`` preset (10 states x 100 images, D=64, SNR 0.1) straight into CryoBench's download layout
    (``python -m cryobench_lab.simulate --layout cryobench``).
-2. Runs ``python -m cryobench_lab experiment=cryobench_igg1d_<method> +smoke=true data.root=<replica>`` for every
-   method (segvae with the replica's state-0 atomic model, focused with the whole-particle mask), backproject through three other dataset configs
-   and drgnai through spikemd (per-image FSC only; its oracle would need one volume per image).
+2. Runs ``python -m cryobench_lab experiment=cryobench data=cryobench_igg1d model=<method> +smoke=true
+   data.root=<replica>`` for every method (segvae: model=segvae_paper with the replica's state-0 atomic model;
+   focused with the whole-particle mask), backproject through three other dataset configs and drgnai through
+   spikemd (per-image FSC only; its oracle would need one volume per image).
 3. Writes the leaderboard (Markdown + CSV) and the raw numbers (JSON) to bench/results/.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae", "partgmm", "multiclass", "focused"]
 OTHER_DATASETS = ["iggrl", "ribosembly", "tomotwin100"]
+MODEL_OF_METHOD = {"segvae": "segvae_paper"}  # CryoBench's segvae rows run the cryoSPHERE paper's settings
 
 
 def main() -> int:
@@ -44,8 +46,9 @@ def main() -> int:
     results = []
     for dataset, method in jobs:
         run_dir = work / "runs" / f"{dataset}_{method}"
-        cmd = [py, "-m", "cryobench_lab", f"experiment=cryobench_{dataset}_{method}", "+smoke=true",
-               f"data.root={root}", "data.snr=null", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+        cmd = [py, "-m", "cryobench_lab", "experiment=cryobench", f"data=cryobench_{dataset}",
+               f"model={MODEL_OF_METHOD.get(method, method)}", "+smoke=true", f"data.root={root}", "data.snr=null",
+               f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
         if method == "segvae":
             cmd.append(f"model.structure={root / 'replica_structures' / 'state_000.cif'}")
         if method == "focused":  # the replica has no region of interest: the whole-particle mask (nothing subtracted)

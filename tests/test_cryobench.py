@@ -147,13 +147,48 @@ def test_gt_volumes_beyond_the_memory_cap_are_read_on_access(replica):
 
 # ---- configs ---------------------------------------------------------------------------------------------
 
-def _compose(overrides):
-    from hydra import compose
+# The 43 former experiment=cryobench_<dataset>_<method> files, resolved full and +smoke=true at commit b9b5b34
+# (by tests/data/record_cryobench_experiments.py, removed with them): experiment=cryobench must reproduce them.
+RECORDED = json.loads((Path(__file__).parent / "data" / "cryobench_experiments.json").read_text())
+OLD_NAMES = sorted({key.split("/")[0] for key in RECORDED})
+MODEL_OF_METHOD = {"segvae": "segvae_paper"}  # the old segvae experiments ran the cryoSPHERE paper's settings
 
-    return compose(config_name="train", overrides=overrides + ["output_dir=."])
+
+def _new_form(old_name: str) -> list[str]:
+    _, dataset, method = old_name.split("_")
+    return ["experiment=cryobench", f"data=cryobench_{dataset}", f"model={MODEL_OF_METHOD.get(method, method)}"]
 
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("cryobench_*.yaml"))
+@pytest.fixture(scope="module")
+def compose_train():
+    """``compose_train(overrides)`` → the train config, composed as the command line does."""
+    from hydra import compose, initialize_config_dir
+
+    from cryobench_lab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides: compose(config_name="train", overrides=[*overrides, "output_dir=."])
+
+
+def _resolved(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _typed_leaves(node, path=""):
+    """{dotted path: (type name, value)}: 1 and True, or 2 and 2.0, must not pass for each other."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _typed_leaves(value, f"{path}{key}.").items()}
+    return {path.rstrip("."): (type(node).__name__, node)}
+
+
+@pytest.mark.parametrize("old_name", OLD_NAMES)
+def test_composition_resolves_like_the_recorded_experiment(compose_train, old_name):
+    for mode, extra in (("full", []), ("smoke", ["+smoke=true"])):
+        recorded = RECORDED[f"{old_name}/{mode}"]
+        new = _resolved(compose_train([*_new_form(old_name), *extra]))
+        assert new["data"].pop("hints") is not None  # the one key the recorded runs did not have
+        assert _typed_leaves({k: new[k] for k in recorded}) == _typed_leaves(recorded), (old_name, mode)
 
 
 def _smoke_pairs(node, path=""):
@@ -168,33 +203,21 @@ def _smoke_pairs(node, path=""):
     return out
 
 
-def test_every_dataset_has_every_method_and_smoke_shrinks_each():
+def test_every_method_block_belongs_to_a_model_and_shrinks_in_smoke():
     import yaml
 
-    datasets = {"igg1d", "iggrl", "ribosembly", "tomotwin100", "spikemd"}
-    methods = {"backproject", "cryodrgn", "drgnai", "hydra", "classify3d", "segvae"}
-    expected = {f"cryobench_{d}_{m}" for d in datasets for m in methods} - {"cryobench_spikemd_backproject"}
-    assert expected <= set(EXPERIMENTS)
-    for name in EXPERIMENTS:  # files only (a Hydra compose per file would cost seconds each)
-        cfg = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
-        dataset = name.split("_")[1]
-        assert cfg["defaults"][0] == "_cryobench_common"
-        assert {"override /data": f"cryobench_{dataset}"} in cfg["defaults"]
-        for key, (full, small) in _smoke_pairs(cfg).items():
+    blocks = {p.stem: p for p in (CONF / "experiment" / "cryobench").glob("*.yaml")}
+    assert {_new_form(name)[2].split("=")[1] for name in OLD_NAMES} == set(blocks)
+    for model, path in blocks.items():  # files only: the compositions are checked above
+        assert (CONF / "model" / f"{model}.yaml").is_file(), path
+        for key, (full, small) in _smoke_pairs(yaml.safe_load(path.read_text())).items():
             if full.isdigit() and key != "data.batch_size":  # a smoke batch may be larger (CPU throughput)
-                assert int(small) <= int(full), (name, key)
+                assert int(small) <= int(full), (model, key)
 
 
-def test_experiment_composes_full_and_smoke():
-    from hydra import initialize_config_dir
-
-    from cryobench_lab.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        full = OmegaConf.to_container(_compose(["experiment=cryobench_igg1d_cryodrgn", "data.root=/x"]), resolve=True)
-        smoke = OmegaConf.to_container(_compose(["experiment=cryobench_igg1d_cryodrgn", "data.root=/x", "+smoke=true"]),
-                                       resolve=True)
+def test_experiment_composes_full_and_smoke(compose_train):
+    run = ["experiment=cryobench", "data=cryobench_igg1d", "model=cryodrgn", "data.root=/x"]
+    full, smoke = _resolved(compose_train(run)), _resolved(compose_train([*run, "+smoke=true"]))
     assert full["data"]["layout"] == "cryobench" and full["data"]["name"] == "cryobench_igg1d"
     assert full["trainer"]["accelerator"] == "gpu" and full["data"]["box_size"] is None
     # CryoBench ran cryoDRGN as `train_vae -n 50 --zdim 8` with cryoDRGN's 3x1024 networks and batch 8
@@ -203,6 +226,30 @@ def test_experiment_composes_full_and_smoke():
     assert smoke["trainer"]["accelerator"] == "cpu" and smoke["data"]["box_size"] == 32
     assert smoke["model"]["hidden_dim"] == 64 and smoke["model"]["epochs"] == 2 and smoke["trainer"]["max_steps"] > 0
     assert smoke["metrics"]["per_image_n"] < full["metrics"]["per_image_n"] and smoke["logger"]["backends"] == ["csv"]
+    # command-line overrides win over the experiment, the method block and the dataset hints
+    tuned = _resolved(compose_train(["experiment=cryobench", "data=cryobench_tomotwin100", "model=hydra", "+smoke=true",
+                                     "data.box_size=64", "model.n_classes=5", "data.hints.mixture_latent_dim=4"]))
+    assert (tuned["data"]["box_size"], tuned["model"]["n_classes"], tuned["model"]["latent_dim"]) == (64, 5, 4)
+
+
+def test_experiment_on_a_dataset_without_hints_fails_in_one_line_naming_them(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "cryobench_lab", "experiment=cryobench", "data=tomotwin3", "model=hydra",
+                          f"hydra.run.dir={run}"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "reads data.hints.mixture_classes" in out.stderr and "data=cryobench_<dataset>" in out.stderr
+    assert not run.exists()
+
+
+def test_experiment_on_a_dataset_outside_the_cryobench_layout_fails_at_once(compose_train):
+    """Where the command-line check does not run (a sweep's jobs), the data are refused before the model, whose
+    sizes would read the missing hints."""
+    cfg = compose_train(["experiment=cryobench", "data=tomotwin3", "model=hydra", "+smoke=true"])
+    with pytest.raises(InputError, match="data.layout=cryobench"):
+        ParticleDataModule(cfg.data).setup()
 
 
 # ---- protocols -------------------------------------------------------------------------------------------
@@ -255,15 +302,16 @@ def test_leaderboard_puts_runs_beside_published_numbers(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_experiment_runs_end_to_end_and_enters_the_leaderboard(replica, tmp_path):
-    """`experiment=cryobench_igg1d_backproject +smoke=true` on the replica, then the leaderboard (≈ 30 s)."""
+    """`experiment=cryobench data=cryobench_igg1d model=backproject +smoke=true` on the replica, then the
+    leaderboard (≈ 30 s)."""
     import subprocess
     import sys
 
     from cryobench_lab.leaderboard import write_leaderboard
 
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "cryobench_lab", "experiment=cryobench_igg1d_backproject", "+smoke=true",
-                    f"data.root={replica}", "data.snr=null", f"hydra.run.dir={run}",
+    subprocess.run([sys.executable, "-m", "cryobench_lab", "experiment=cryobench", "data=cryobench_igg1d",
+                    "model=backproject", "+smoke=true", f"data.root={replica}", "data.snr=null", f"hydra.run.dir={run}",
                     "trainer.enable_progress_bar=false"], check=True, capture_output=True)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["box_size"] == 32 and metrics["val/fsc_auc_mean"] > 0.75 * (32 // 2 - 1) / 32

@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from cryobench_lab.config import validate
 from cryobench_lab.errors import InputError
@@ -84,6 +85,19 @@ def _composition_error(err: Exception) -> str:
     return f"config: {text} (list valid keys with: python -m cryobench_lab --cfg job)"
 
 
+def _interpolation_error(err: InterpolationResolutionError) -> str:
+    """A value reading a key that is not set, in one line (experiment=cryobench reads the dataset's data.hints)."""
+    reason = " ".join(str(err.msg).split()).split(" full_key:")[0]
+    unset = re.search(r"(?:key '|value: )([\w.]+)", reason)
+    if not unset:
+        return f"config: {err.full_key} cannot be resolved ({reason})"
+    key = unset.group(1)
+    advice = f"set {key}=<value>"
+    if key.startswith("data.hints."):
+        advice = f"experiment=cryobench sizes the methods from the dataset's hints: use data=cryobench_<dataset> or {advice}"
+    return f"config: {err.full_key} reads {key}, which is not set; {advice}"
+
+
 def check_overrides(argv: list[str]) -> None:
     """Compose the config once before Hydra runs, so a wrong key or group fails in one line.
 
@@ -100,7 +114,10 @@ def check_overrides(argv: list[str]) -> None:
             cfg = compose(config_name="train", overrides=overrides)
     except Exception as err:  # Hydra/OmegaConf composition errors carry multi-line messages
         fail(_composition_error(err))
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves interpolations on the way
+    except InterpolationResolutionError as err:
+        fail(_interpolation_error(err))
     if missing:
         fail(f"config: {', '.join(missing)} must be set, e.g. {missing[0]}=<value>")
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)

@@ -17,6 +17,19 @@ from cryobench_lab.errors import InputError
 
 
 @dataclass
+class DatasetHints:
+    """What ``experiment=cryobench`` gives the methods on one dataset: conf/experiment/cryobench*.yaml interpolate
+    these, no code reads them. A dataset config sets all of them or none (``hints: null``)."""
+
+    n_classes: int = MISSING  # K of the discrete classifiers (classify3d, multiclass, focused)
+    mixture_classes: int = MISSING  # K of the mixture of neural fields (hydra)
+    mixture_latent_dim: int = MISSING  # d of each of hydra's fields
+    mixture_decoder: str = MISSING  # separate | shared: hydra's and classify3d's K fields (shared for large K)
+    multiclass_pad: int = MISSING  # Fourier oversampling of multiclass's K volumes
+    per_conformation: bool = MISSING  # metrics.per_conformation (false: one image per state, per-image FSC only)
+
+
+@dataclass
 class DataConfig:
     """Where particles come from and how they are served.
 
@@ -70,6 +83,7 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     num_workers: int = 0
+    hints: Optional[DatasetHints] = None  # per-dataset sizes of experiment=cryobench (conf/data/cryobench_*.yaml)
 
 
 @dataclass
