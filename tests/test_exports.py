@@ -205,3 +205,58 @@ def test_analyze_refuses_bad_latents_in_one_line(hydra_run):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: --z") and "2 numbers" in lines[-1], proc.stderr
     assert not (hydra_run["root"] / "bad").exists()  # nothing written
+
+
+class _FakeLatentModel:
+    """Latents (N, 2) and two classes; decode returns a constant map per class (enough for the file logic)."""
+
+    method_name, K, device = "fake", 2, "cpu"
+
+    def __init__(self, z, probs):
+        self.z, self.probs = z, probs
+
+    def eval(self):
+        return self
+
+    def embed_all(self, loader):
+        return {"latent": self.z, "class_probs": self.probs, "index": torch.arange(len(self.z))}
+
+    def decode(self, latent, classes):
+        return torch.ones(len(classes), 8, 8, 8) * (classes.float()[:, None, None, None] + 1)
+
+
+def _fake_inputs(n=40):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, 2, generator=g)
+    probs = torch.nn.functional.one_hot(torch.arange(n) % 2, 2).float()
+    dm = SimpleNamespace(info=SimpleNamespace(labels=np.arange(n) % 2, apix=2.0), all_dataloader=lambda: None)
+    return _FakeLatentModel(z, probs), dm
+
+
+def test_analyze_umap_is_optional(tmp_path, monkeypatch, capsys):
+    """Without umap-learn: PCA only and a one-line note; with it: umap.png beside pca.png."""
+    import cryobench_lab.analyze as analyze
+
+    model, dm = _fake_inputs()
+    monkeypatch.setattr(analyze, "umap_embedding", lambda z: None)
+    written = analyze.analyze(model, dm, tmp_path / "a", ksample=2, n_per_pc=2)
+    assert "umap" not in written and not (tmp_path / "a" / "umap.png").exists()
+    assert "umap-learn is not installed: PCA only" in capsys.readouterr().err
+    monkeypatch.setattr(analyze, "umap_embedding", lambda z: z[:, :2] * 2)
+    written = analyze.analyze(model, dm, tmp_path / "b", ksample=2, n_per_pc=2)
+    assert (tmp_path / "b" / "umap.png").stat().st_size > 10_000 and (tmp_path / "b" / "pca.png").exists()
+    vol = mrcfile.read(tmp_path / "b" / "pc1" / "vol_000.mrc")
+    assert vol.shape == (8, 8, 8)
+
+
+def test_parse_latents_from_arguments_and_files(tmp_path):
+    from cryobench_lab.analyze import parse_latents
+    from cryobench_lab.errors import InputError
+
+    np.testing.assert_allclose(parse_latents(["0.5,-1", "2 3"], 2), [[0.5, -1], [2, 3]])
+    np.savetxt(tmp_path / "z.txt", np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    assert parse_latents([str(tmp_path / "z.txt")], 2).shape == (3, 2)
+    with pytest.raises(InputError, match="dimension 3"):
+        parse_latents(["1,2,3"], 2)
