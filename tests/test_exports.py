@@ -173,6 +173,34 @@ def test_maps_and_models_share_one_frame(tmp_path):
     np.testing.assert_allclose(centroid, coords.mean(0), atol=0.05)
 
 
+def _map_frame(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(density [z, y, x], lower corner (x, y, z) Å, upper corner) of a map read with its header."""
+    with mrcfile.open(path) as m:
+        origin = np.array([float(m.header.origin[a]) for a in "xyz"])
+        data = np.asarray(m.data, float)
+        step = float(m.voxel_size.x)
+    return data, origin, origin + step * (np.array(data.shape[::-1]) - 1)
+
+
+def test_simulated_ground_truth_model_sits_in_its_map(tmp_path):
+    """Item 9 on files the dataset writer produced: each state's ground-truth PDB lies inside its ground-truth
+    map's box, and the map's density centroid (header origin and voxel size) is the atoms' centroid."""
+    from cryobench_lab.data.simulate import read_states, simulate_dataset
+
+    state = read_states(REPO / "src" / "cryobench_lab" / "structures" / "adk" / "adk_closed.pdb.gz")[0]
+    out = tmp_path / "sim"
+    simulate_dataset([state], out, box_size=32, n_particles_per_state=2, seed=0, progress=False)
+    data, lo, hi = _map_frame(out / "gt_volumes" / "state_000.mrc")
+    st = gemmi.read_structure(str(next((out / "gt_structures").glob("state_000.*"))))
+    xyz = np.array([a.pos.tolist() for chain in st[0] for r in chain for a in r])
+    weight = np.array([a.element.atomic_number for chain in st[0] for r in chain for a in r], float)
+    assert np.all(xyz >= lo) and np.all(xyz <= hi)
+    step = (hi - lo) / (np.array(data.shape[::-1]) - 1)
+    k, j, i = np.indices(data.shape)
+    centroid = np.array([(data * g).sum() / data.sum() for g in (i, j, k)]) * step + lo
+    np.testing.assert_allclose(centroid, (xyz * weight[:, None]).sum(0) / weight.sum(), atol=0.3)
+
+
 def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path):
     """Item 7: analyze writes z.pkl (= the run's), the side-by-side PCA, k-means / PC / given-latent volumes;
     a latent given with --class is decoded exactly as the class map the run wrote at that latent."""
