@@ -201,21 +201,21 @@ def test_simulated_ground_truth_model_sits_in_its_map(tmp_path):
     np.testing.assert_allclose(centroid, (xyz * weight[:, None]).sum(0) / weight.sum(), atol=0.3)
 
 
-def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path):
-    """Item 7: analyze writes z.pkl (= the run's), the side-by-side PCA, k-means / PC / given-latent volumes;
-    a latent given with --class is decoded exactly as the class map the run wrote at that latent."""
+def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path, monkeypatch):
+    """Item 7: analyze (its command line, in this process) writes z.pkl (= the run's), the side-by-side PCA,
+    k-means / PC / given-latent volumes; a latent given with --class is decoded exactly as the class map the
+    run wrote at that latent."""
+    from cryobench_lab.analyze import main
     from cryobench_lab.io.mrc import read_mrc
 
     run = hydra_run["out"]
+    monkeypatch.setenv("CRYOBENCH_LAB_CACHE", str(hydra_run["cache"]))
     z = pickle.loads((run / "z.pkl").read_bytes())
     assigned = pickle.loads((run / "classes" / "classes.pkl").read_bytes())
     centre = z[assigned == 1].mean(0)
     out = tmp_path / "analysis"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cryobench_lab.analyze", f"run_dir={run}", f"out={out}", "ksample=3", "n_per_pc=3",
-         "umap=false", "--z", ",".join(f"{v:.9g}" for v in centre), "--class", "1"],
-        env=_env(hydra_run["cache"]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main([f"run_dir={run}", f"out={out}", "ksample=3", "n_per_pc=3", "umap=false",
+          "--z", ",".join(f"{v:.9g}" for v in centre), "--class", "1"])
     np.testing.assert_allclose(pickle.loads((out / "z.pkl").read_bytes()), z, atol=1e-6)
     assert (out / "pca.png").stat().st_size > 10_000
     assert len(list((out / "kmeans3").glob("vol_*.mrc"))) == 3
@@ -225,14 +225,19 @@ def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path):
     np.testing.assert_allclose(given, class_map, atol=1e-4 * np.abs(class_map).max())
 
 
-def test_analyze_refuses_bad_latents_in_one_line(hydra_run):
-    proc = subprocess.run([sys.executable, "-m", "cryobench_lab.analyze", f"run_dir={hydra_run['out']}",
-                           f"out={hydra_run['root'] / 'bad'}", "umap=false", "--z", "1,2,3"],
-                          env=_env(hydra_run["cache"]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: --z") and "2 numbers" in lines[-1], proc.stderr
-    assert not (hydra_run["root"] / "bad").exists()  # nothing written
+def test_analyze_refuses_bad_latents_in_one_line(tmp_path, monkeypatch, capsys):
+    """A latent of the wrong dimension: one line naming --z, exit 2, nothing written."""
+    import cryobench_lab.eval
+    from cryobench_lab.analyze import main
+
+    model, dm = _fake_inputs()
+    monkeypatch.setattr(cryobench_lab.eval, "load_trained", lambda *a, **k: (None, dm, model, []))
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"run_dir={tmp_path}", f"out={tmp_path / 'bad'}", "umap=false", "--z", "1,2,3"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --z") and "2 numbers" in lines[0]
+    assert not (tmp_path / "bad").exists()
 
 
 class _FakeLatentModel:
