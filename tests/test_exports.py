@@ -173,21 +173,49 @@ def test_maps_and_models_share_one_frame(tmp_path):
     np.testing.assert_allclose(centroid, coords.mean(0), atol=0.05)
 
 
-def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path):
-    """Item 7: analyze writes z.pkl (= the run's), the side-by-side PCA, k-means / PC / given-latent volumes;
-    a latent given with --class is decoded exactly as the class map the run wrote at that latent."""
+def _map_frame(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(density [z, y, x], lower corner (x, y, z) Å, upper corner) of a map read with its header."""
+    with mrcfile.open(path) as m:
+        origin = np.array([float(m.header.origin[a]) for a in "xyz"])
+        data = np.asarray(m.data, float)
+        step = float(m.voxel_size.x)
+    return data, origin, origin + step * (np.array(data.shape[::-1]) - 1)
+
+
+def test_simulated_ground_truth_model_sits_in_its_map(tmp_path):
+    """Item 9 on files the dataset writer produced: each state's ground-truth PDB lies inside its ground-truth
+    map's box, and the map's density centroid (header origin and voxel size) is the atoms' centroid."""
+    from cryobench_lab.data.simulate import read_states, simulate_dataset
+
+    state = read_states(REPO / "src" / "cryobench_lab" / "structures" / "adk" / "adk_closed.pdb.gz")[0]
+    out = tmp_path / "sim"
+    simulate_dataset([state], out, box_size=32, n_particles_per_state=2, seed=0, progress=False)
+    data, lo, hi = _map_frame(out / "gt_volumes" / "state_000.mrc")
+    st = gemmi.read_structure(str(next((out / "gt_structures").glob("state_000.*"))))
+    xyz = np.array([a.pos.tolist() for chain in st[0] for r in chain for a in r])
+    weight = np.array([a.element.atomic_number for chain in st[0] for r in chain for a in r], float)
+    assert np.all(xyz >= lo) and np.all(xyz <= hi)
+    step = (hi - lo) / (np.array(data.shape[::-1]) - 1)
+    k, j, i = np.indices(data.shape)
+    centroid = np.array([(data * g).sum() / data.sum() for g in (i, j, k)]) * step + lo
+    np.testing.assert_allclose(centroid, (xyz * weight[:, None]).sum(0) / weight.sum(), atol=0.3)
+
+
+def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path, monkeypatch):
+    """Item 7: analyze (its command line, in this process) writes z.pkl (= the run's), the side-by-side PCA,
+    k-means / PC / given-latent volumes; a latent given with --class is decoded exactly as the class map the
+    run wrote at that latent."""
+    from cryobench_lab.analyze import main
     from cryobench_lab.io.mrc import read_mrc
 
     run = hydra_run["out"]
+    monkeypatch.setenv("CRYOBENCH_LAB_CACHE", str(hydra_run["cache"]))
     z = pickle.loads((run / "z.pkl").read_bytes())
     assigned = pickle.loads((run / "classes" / "classes.pkl").read_bytes())
     centre = z[assigned == 1].mean(0)
     out = tmp_path / "analysis"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cryobench_lab.analyze", f"run_dir={run}", f"out={out}", "ksample=3", "n_per_pc=3",
-         "umap=false", "--z", ",".join(f"{v:.9g}" for v in centre), "--class", "1"],
-        env=_env(hydra_run["cache"]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main([f"run_dir={run}", f"out={out}", "ksample=3", "n_per_pc=3", "umap=false",
+          "--z", ",".join(f"{v:.9g}" for v in centre), "--class", "1"])
     np.testing.assert_allclose(pickle.loads((out / "z.pkl").read_bytes()), z, atol=1e-6)
     assert (out / "pca.png").stat().st_size > 10_000
     assert len(list((out / "kmeans3").glob("vol_*.mrc"))) == 3
@@ -197,11 +225,71 @@ def test_analyze_writes_embeddings_and_volumes(hydra_run, tmp_path):
     np.testing.assert_allclose(given, class_map, atol=1e-4 * np.abs(class_map).max())
 
 
-def test_analyze_refuses_bad_latents_in_one_line(hydra_run):
-    proc = subprocess.run([sys.executable, "-m", "cryobench_lab.analyze", f"run_dir={hydra_run['out']}",
-                           f"out={hydra_run['root'] / 'bad'}", "umap=false", "--z", "1,2,3"],
-                          env=_env(hydra_run["cache"]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: --z") and "2 numbers" in lines[-1], proc.stderr
-    assert not (hydra_run["root"] / "bad").exists()  # nothing written
+def test_analyze_refuses_bad_latents_in_one_line(tmp_path, monkeypatch, capsys):
+    """A latent of the wrong dimension: one line naming --z, exit 2, nothing written."""
+    import cryobench_lab.eval
+    from cryobench_lab.analyze import main
+
+    model, dm = _fake_inputs()
+    monkeypatch.setattr(cryobench_lab.eval, "load_trained", lambda *a, **k: (None, dm, model, []))
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"run_dir={tmp_path}", f"out={tmp_path / 'bad'}", "umap=false", "--z", "1,2,3"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --z") and "2 numbers" in lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
+class _FakeLatentModel:
+    """Latents (N, 2) and two classes; decode returns a constant map per class (enough for the file logic)."""
+
+    method_name, K, device = "fake", 2, "cpu"
+
+    def __init__(self, z, probs):
+        self.z, self.probs = z, probs
+
+    def eval(self):
+        return self
+
+    def embed_all(self, loader):
+        return {"latent": self.z, "class_probs": self.probs, "index": torch.arange(len(self.z))}
+
+    def decode(self, latent, classes):
+        return torch.ones(len(classes), 8, 8, 8) * (classes.float()[:, None, None, None] + 1)
+
+
+def _fake_inputs(n=40):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, 2, generator=g)
+    probs = torch.nn.functional.one_hot(torch.arange(n) % 2, 2).float()
+    dm = SimpleNamespace(info=SimpleNamespace(labels=np.arange(n) % 2, apix=2.0), all_dataloader=lambda: None)
+    return _FakeLatentModel(z, probs), dm
+
+
+def test_analyze_umap_is_optional(tmp_path, monkeypatch, capsys):
+    """Without umap-learn: PCA only and a one-line note; with it: umap.png beside pca.png."""
+    import cryobench_lab.analyze as analyze
+
+    model, dm = _fake_inputs()
+    monkeypatch.setattr(analyze, "umap_embedding", lambda z: None)
+    written = analyze.analyze(model, dm, tmp_path / "a", ksample=2, n_per_pc=2)
+    assert "umap" not in written and not (tmp_path / "a" / "umap.png").exists()
+    assert "umap-learn is not installed: PCA only" in capsys.readouterr().err
+    monkeypatch.setattr(analyze, "umap_embedding", lambda z: z[:, :2] * 2)
+    written = analyze.analyze(model, dm, tmp_path / "b", ksample=2, n_per_pc=2)
+    assert (tmp_path / "b" / "umap.png").stat().st_size > 10_000 and (tmp_path / "b" / "pca.png").exists()
+    vol = mrcfile.read(tmp_path / "b" / "pc1" / "vol_000.mrc")
+    assert vol.shape == (8, 8, 8)
+
+
+def test_parse_latents_from_arguments_and_files(tmp_path):
+    from cryobench_lab.analyze import parse_latents
+    from cryobench_lab.errors import InputError
+
+    np.testing.assert_allclose(parse_latents(["0.5,-1", "2 3"], 2), [[0.5, -1], [2, 3]])
+    np.savetxt(tmp_path / "z.txt", np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    assert parse_latents([str(tmp_path / "z.txt")], 2).shape == (3, 2)
+    with pytest.raises(InputError, match="dimension 3"):
+        parse_latents(["1,2,3"], 2)

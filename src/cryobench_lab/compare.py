@@ -33,57 +33,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryobench_lab.compare_columns import (  # noqa: F401  (re-exported for callers of compare)
+    COLUMN_WORDS,
+    DATA_FACTS,
+    DESCRIPTIVE,
+    LABELS,
+    PRIORITY,
+    column_label,
+    data_warnings,
+    shown_metrics,
+)
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_text_atomic
 from cryobench_lab.plots import save_figure
 from cryobench_lab.run_folder import ASIDE_PREFIX
 
-#: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their labels in words
-PRIORITY = {
-    "val/fsc_auc_mean": "FSC-AUC per state, mean (area under FSC vs cycles/px)",
-    "val/fsc_res_0.5": "resolution at FSC 0.5, mean over states (Å)",
-    "val/fsc_res_0.143": "resolution at FSC 0.143, mean over states (Å)",
-    "val/fsc_image_auc_mean": "FSC-AUC per image, mean (area under absolute FSC vs cycles/px)",
-    "val/ari": "classes vs states: adjusted Rand index",
-    "val/nmi": "classes vs states: normalised mutual information",
-    "val/segmentation_ari": "segments vs domains: adjusted Rand index",
-    "val/part_ari": "parts vs chains/domains: adjusted Rand index",
-    "val/clashes_median": "Cα clashes per predicted model, median (count)",
-    "val/clashes_mean": "Cα clashes per predicted model, mean (count)",
-    "train/wall_time_s": "training wall time (s)",
-    "train/images_per_s": "training throughput (images/s)",
-}
-#: labels of the other keys a run may report (``column_label`` adds ``dist_corr_*`` and ``*_masked``)
-LABELS = {
-    "val/fsc_auc_std": "FSC-AUC per state, std over states",
-    "val/fsc_auc_median": "FSC-AUC per state, median",
-    "val/fsc_image_auc_std": "FSC-AUC per image, std over images",
-    "val/fsc_image_auc_median": "FSC-AUC per image, median",
-    "val/n_empty_classes": "empty classes (count)",
-    "val/class_sizes": "images per class (list of counts)",
-    "val/distance_corr": "domain distances predicted vs true: Pearson r, mean over pairs",
-    "val/clashes_true_median": "Cα clashes per true model, median (count; the floor)",
-    "val/rot_error_median": "rotation error, median (°)",
-    "val/shift_error_median": "shift error, median (px)",
-    "val/anchor_ari": "anchors vs chains/domains: adjusted Rand index",
-    "val/coappearance_ari": "co-appearing parts vs chains/domains: adjusted Rand index",
-    "val/n_parts": "parts found (count)",
-    "val/gate_absent_max": "largest gate of an absent chain (0–1)",
-    "val/gate_present_min": "smallest gate of a present chain (0–1)",
-    "train/skipped_steps": "skipped non-finite steps (count)",
-}
-#: scalar keys that describe a run rather than measure it (``n_particles``: the name before n_particles_total)
-DESCRIPTIVE = {"seed", "n_particles", "n_particles_total", "box_size", "apix", "train/epochs",
-               "train/skipped_steps", "config_hash"}
-#: what a run's data are described by (metrics.json key → words), compared between runs of one dataset
-DATA_FACTS = {"n_particles_total": "images (all states)", "box_size": "box size (px)", "apix": "pixel size (Å)"}
 #: parts/parts.json entries that are not measurements
 PARTS_DESCRIPTIVE = {"n_anchors", "gaussians_near_atoms"}
 #: metrics drawn as bars (those present)
 BAR_METRICS = ("val/fsc_auc_mean", "val/ari", "val/segmentation_ari", "val/part_ari", "val/clashes_median", "train/images_per_s")
 KEY_COLUMNS = ("dataset", "method")
-COLUMN_WORDS = {"n_seeds": "seeds (runs)", "data.n_images": "images (all states)",
-                "data.n_particles": "images per state (data.n_particles)", "data.snr": "SNR (data.snr)"}
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -104,19 +73,6 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         raise InputError(f"no metrics.json under {', '.join(map(str, paths))}; pass a sweep folder or run folders "
                          "of finished runs")
     return runs, failed
-
-
-def column_label(key: str) -> str:
-    """A metric key in words with its unit (the key itself only when nothing is known about it)."""
-    if key.endswith("_masked"):
-        return column_label(key.removesuffix("_masked")) + ", under the dataset's mask"
-    if key in PRIORITY or key in LABELS:
-        return PRIORITY.get(key) or LABELS[key]
-    name = key.removeprefix("val/")
-    if name.startswith("dist_corr_"):
-        a, _, b = name.removeprefix("dist_corr_").rpartition("_")
-        return f"distance {a}–{b} predicted vs true: Pearson r"
-    return name
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -216,32 +172,6 @@ def tables(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], lis
             row[f"{m}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else (0.0 if len(finite) else math.nan)
         summary_rows.append(row)
     return per_run, pd.DataFrame(summary_rows), ablations, metrics
-
-
-def data_warnings(runs: list[dict]) -> list[str]:
-    """One line per dataset whose runs differ in their data (image count, box size, pixel size): their
-    numbers are then not comparable as equals."""
-    out = []
-    for dataset in sorted({r["dataset"] for r in runs}):
-        group = [r for r in runs if r["dataset"] == dataset]
-        diffs = []
-        for key, words in DATA_FACTS.items():
-            values = sorted({r["data"].get(key) for r in group if r["data"].get(key) is not None}, key=float)
-            if len(values) > 1:
-                diffs.append(f"{words} {' vs '.join(f'{v:g}' for v in values)}")
-        if diffs:
-            out.append(f"runs of dataset {dataset} differ in their data: {'; '.join(diffs)}; compare such numbers "
-                       "with care (the table has a column per fact that varies)")
-    return out
-
-
-def shown_metrics(summary: pd.DataFrame, metrics: list[str]) -> tuple[list[str], list[str]]:
-    """(metrics with a number in some row, metrics NaN in every row): the table and report show the first;
-    the CSV files keep every key."""
-    def measured(m: str) -> bool:
-        return f"{m}_mean" in summary and bool(np.isfinite(summary[f"{m}_mean"].to_numpy(dtype=float)).any())
-
-    return [m for m in metrics if measured(m)], [m for m in metrics if not measured(m)]
 
 
 def _fmt(mean: float, std: float) -> str:

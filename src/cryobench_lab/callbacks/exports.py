@@ -67,9 +67,16 @@ def _gt_structure(info, state: int) -> str | None:
     return str(files[0].resolve()) if files else None
 
 
-def _series(model, z, probs) -> list[dict]:
-    """Traversals the method writes after fitting (models' ``write_outputs``), by their known names."""
+def _series(model, z, probs, out_dir: Path) -> list[dict]:
+    """Traversals the method writes after fitting (models' ``write_outputs``), by their known names; none
+    when scoring elsewhere than the run folder (``eval`` into ``<run>/eval``)."""
     out = []
+    try:
+        root = Path(model.trainer.default_root_dir).resolve()
+    except RuntimeError:  # not attached to a trainer: re-scored from a checkpoint
+        return out
+    if root != Path(out_dir).resolve():
+        return out
     steps = int(getattr(model, "hparams", {}).get("traversal_steps", 0) or 0)
     if getattr(model, "outputs_dir", None) == "structures":
         out.append({"name": "atomic model along the first principal axis", "model": "structures/traversal.pdb"})
@@ -99,7 +106,7 @@ def write_run_exports(out_dir: Path, model, info, result: dict, latent, probs, l
         groups.append({"name": f"ground-truth state {s}: decoded map and true model",
                        "maps": [f"volumes/state_{s:03d}.mrc"], "models": [model_file] if model_file else []})
     groups.append({"name": "the model's classes", "maps": refs, "models": []})
-    written.append(write_chimerax_script(out_dir / "chimerax.cxc", groups, _series(model, z, probs)))
+    written.append(write_chimerax_script(out_dir / "chimerax.cxc", groups, _series(model, z, probs, out_dir)))
     return written
 
 
