@@ -40,6 +40,9 @@ from cryobench_lab.plots import save_figure
 #: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their short labels
 PRIORITY = {
     "val/fsc_auc_mean": "FSC-AUC",
+    "val/floor_fsc_auc_mean": "floor FSC-AUC",  # the consensus of all images: a method must beat it
+    "val/oracle_fsc_auc_mean": "oracle FSC-AUC",  # per state, given the truth
+    "val/fsc_auc_mean_gtmask": "FSC-AUC (GT mask)",
     "val/fsc_res_0.5": "res FSC=0.5 (Å)",
     "val/fsc_res_0.143": "res FSC=0.143 (Å)",
     "val/fsc_image_auc_mean": "per-image FSC-AUC",
