@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cryobench_lab import plots
+from cryobench_lab.callbacks.references import reference_scores
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
@@ -39,7 +40,6 @@ from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
 from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
-from cryobench_lab.callbacks.references import reference_scores
 from cryobench_lab.metrics.masks import soft_sphere_mask, support_mask, volume_mask
 from cryobench_lab.metrics.protocols import GTMASK, MASKED, per_conformation_fsc, per_image_fsc
 
