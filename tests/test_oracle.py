@@ -63,8 +63,7 @@ def test_half_set_noise_matches_the_noise_it_was_given():
 
 def _simulated(g, D=24, n_per=400, snr=0.5):
     """Two states, CTF-free projections with white noise; batches in the DataModule's layout."""
-    vols, batches = [], []
-    rots = []
+    vols, rots = [], []
     for s in range(2):
         centers, sig, amp = _blobs(g, spread=12.0)
         vols.append(voxelize_gaussians(centers, sig, amp, D, 1.0).float())

@@ -9,6 +9,9 @@ import pandas as pd
 #: metrics shown first (then every other scalar ``val/*`` key, alphabetically), and their labels in words
 PRIORITY = {
     "val/fsc_auc_mean": "FSC-AUC per state, mean (area under FSC vs cycles/px)",
+    "val/floor_fsc_auc_mean": "floor: consensus of all images, FSC-AUC per state, mean (a method must beat it)",
+    "val/oracle_fsc_auc_mean": "oracle given the truth, FSC-AUC per state, mean",
+    "val/fsc_auc_mean_gtmask": "FSC-AUC per state, mean, under the ground-truth-support mask",
     "val/fsc_res_0.5": "resolution at FSC 0.5, mean over states (Å)",
     "val/fsc_res_0.143": "resolution at FSC 0.143, mean over states (Å)",
     "val/fsc_image_auc_mean": "FSC-AUC per image, mean (area under absolute FSC vs cycles/px)",
@@ -54,6 +57,11 @@ def column_label(key: str) -> str:
     """A metric key in words with its unit (the key itself only when nothing is known about it)."""
     if key.endswith("_masked"):
         return column_label(key.removesuffix("_masked")) + ", under the dataset's mask"
+    if key.endswith("_gtmask") and key not in PRIORITY:
+        return column_label(key.removesuffix("_gtmask")) + ", under the ground-truth-support mask"
+    for prefix, words in (("val/floor_", "floor (consensus of all images): "), ("val/oracle_", "oracle given the truth: ")):
+        if key.startswith(prefix):
+            return words + column_label("val/" + key.removeprefix(prefix))
     if key in PRIORITY or key in LABELS:
         return PRIORITY.get(key) or LABELS[key]
     name = key.removeprefix("val/")

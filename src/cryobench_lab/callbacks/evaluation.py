@@ -35,6 +35,7 @@ import torch
 
 from cryobench_lab import plots
 from cryobench_lab.callbacks.exports import write_run_exports
+from cryobench_lab.callbacks.references import reference_scores
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_json_atomic
 from cryobench_lab.io.mrc import write_mrc
@@ -43,7 +44,6 @@ from cryobench_lab.metrics.alignment import aligned_decoder, pose_scores
 from cryobench_lab.metrics.atoms import atom_metric_keys, per_image_atom_metrics, residue_groups, superposed_rmsd
 from cryobench_lab.metrics.classes import classification_metrics
 from cryobench_lab.metrics.latent import assigned_latent, pca_embedding
-from cryobench_lab.callbacks.references import reference_scores
 from cryobench_lab.metrics.masks import soft_sphere_mask, support_mask, volume_mask
 from cryobench_lab.metrics.protocols import GTMASK, MASKED, per_conformation_fsc, per_image_fsc
 

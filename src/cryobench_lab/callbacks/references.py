@@ -4,12 +4,12 @@
   ground truth; Wiener filter from the half-map FSC), scored against every state. A heterogeneity method
   that does not beat it has learnt nothing about heterogeneity.
 - ``oracle``: one reconstruction per state given the truth (labels, poses, CTF, per-shell SSNR from the
-  ground-truth spectrum; 2× padding, gridding correction). A reference, not an upper bound: methods that
-  pool states or carry priors can beat it.
+  ground-truth spectrum). A reference, not an upper bound: methods that pool states or carry priors can
+  beat it.
 
 Their settings are those of conf/model/consensus.yaml and conf/model/oracle.yaml (models/backproject.py).
-Each costs one backprojection pass over the particles. The oracle needs ``S · 2 · (2D)³`` complex and real
-accumulators; beyond ``MAX_ORACLE_BYTES`` it is skipped (NaN) with a note.
+Each costs one backprojection pass over the particles. The oracle needs ``S · 2 · (pad·D)³`` complex and
+real accumulators; beyond ``MAX_ORACLE_BYTES`` it is skipped (NaN) with a note.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cryobench_lab.models.backproject import Backprojection
 
 SETTINGS = {
     "floor": dict(name="consensus", use_labels=False, pad=1, wiener="fsc", gridding_correction=False),
-    "oracle": dict(name="oracle", use_labels=True, pad=2, wiener="oracle", gridding_correction=True),
+    "oracle": dict(name="oracle", use_labels=True, pad=1, wiener="oracle", gridding_correction=False),
 }
 MAX_ORACLE_BYTES = 4 << 30
 STATS = ("mean", "std", "median")

@@ -46,15 +46,23 @@ scored under it (CryoBench's masked variant) and every ``fsc_*`` key is repeated
 ``fsc_res_0.143_masked``, ``fsc_image_auc_mean_masked``, ``fsc_image_auc_std_masked``,
 ``fsc_image_auc_median_masked``.
 
-Every dataset with ground-truth volumes is also scored under one ground-truth-support mask (the union over the
-states, at most 200 evenly spaced, of each volume thresholded at half its 99.99th percentile, dilated 3 px, 3 px cosine edge): every
-``fsc_*`` key again with a ``_gtmask`` suffix. Beside them, ``floor_fsc_auc_{mean,std,median}`` and
-``oracle_fsc_auc_{mean,std,median}`` (with the same ``_gtmask`` / ``_masked`` variants) score the reference
-reconstructions of callbacks/references.py on the same data: NaN where they cannot be computed (no poses).
+Every dataset with ground-truth volumes is also scored under one ground-truth-support mask (the union over
+the states, at most 200 evenly spaced, of each volume thresholded at half its 99.99th percentile, dilated
+3 px, 3 px cosine edge): every ``fsc_*`` key again with a ``_gtmask`` suffix: ``fsc_auc_mean_gtmask``, ``fsc_auc_std_gtmask``,
+``fsc_auc_median_gtmask``, ``fsc_res_0.5_gtmask``, ``fsc_res_0.143_gtmask``, ``fsc_image_auc_mean_gtmask``,
+``fsc_image_auc_std_gtmask``, ``fsc_image_auc_median_gtmask``. Beside them the reference reconstructions of
+callbacks/references.py, scored on the same data against every state (NaN where they cannot be computed, e.g.
+without poses; ``_masked`` only where the dataset ships a mask): ``floor_fsc_auc_mean``,
+``floor_fsc_auc_std``, ``floor_fsc_auc_median``, ``floor_fsc_auc_mean_gtmask``, ``floor_fsc_auc_std_gtmask``,
+``floor_fsc_auc_median_gtmask``, ``floor_fsc_auc_mean_masked``, ``floor_fsc_auc_std_masked``,
+``floor_fsc_auc_median_masked``, ``oracle_fsc_auc_mean``, ``oracle_fsc_auc_std``, ``oracle_fsc_auc_median``,
+``oracle_fsc_auc_mean_gtmask``, ``oracle_fsc_auc_std_gtmask``, ``oracle_fsc_auc_median_gtmask``,
+``oracle_fsc_auc_mean_masked``, ``oracle_fsc_auc_std_masked``, ``oracle_fsc_auc_median_masked``.
 
 Non-scalar companions written to ``metrics.json``: ``per_state`` (per-state ``state``, ``class``,
 ``image``, ``auc``, ``res_0.5``, ``res_0.143``, ``freq`` cycles/px, ``curve``), ``per_image`` (``image``,
-``state``, ``class``, ``auc``), ``confusion`` (S × K), ``clashes`` (per structure).
+``state``, ``class``, ``auc``), ``confusion`` (S × K), ``clashes`` (per structure), ``references``
+(per-state AUCs of the floor and the oracle under each mask).
 """
 
 from __future__ import annotations

@@ -19,15 +19,16 @@ solve (physics/backprojection.py) then uses one of three regularisers:
 the box (``sphere_mask``).
 
 Three configs (conf/model): ``backproject`` (defaults: ``pad=1 wiener=constant gridding_correction=false``),
-the plain labelled reconstruction, per state with true poses and CTF; ``oracle`` (``pad=2 wiener=oracle
-gridding_correction=true``), the reference GIVEN THE TRUTH (labels, poses, CTF, per-shell SSNR); and
+the plain labelled reconstruction, per state with true poses and CTF; ``oracle`` (``wiener=oracle``), the
+reference GIVEN THE TRUTH (labels, poses, CTF, per-shell SSNR); and
 ``consensus`` (``use_labels=false wiener=fsc``), one homogeneous reconstruction of all images with the true
 poses and CTF and no labels, the floor every heterogeneity method must beat. None is an upper bound on
 methods that pool states or carry priors (support, smoothness), and they do beat it. The scorer computes the
 oracle and the consensus for every run (callbacks/references.py). Measured (bench/results/2026-12-08_oracle.md):
-at these particle counts ``pad=1`` without the correction scores higher than ``pad=2`` with it, and the
-minimum-mean-square-error filter ``wiener=oracle`` scores slightly lower FSC than the weaker Tikhonov term
-(FSC rewards under-regularisation).
+at these particle counts (300–1000 images per state) ``pad=2`` with the gridding correction scores far lower
+FSC-AUC than ``pad=1`` without it (the finer grid leaves Fourier voxels without samples, which a per-voxel
+Wiener filter sets to zero), and the minimum-mean-square-error ``wiener=oracle`` scores slightly lower FSC
+than the weaker Tikhonov term (FSC rewards under-regularisation), though its squared error is lower.
 
 This is not trained by gradient descent: one pass over the data accumulates the sums and the solve runs at
 the end of the epoch.
