@@ -87,7 +87,7 @@ def main() -> None:
     dm = ParticleDataModule(cfg.data, seed=cfg.seed)
     dm.setup()
     model = build_model(cfg, dm.info)
-    cifs = sorted(Path(dm.info.structure).parent.glob("state_*.cif"))
+    cifs = sorted(Path(dm.info.gt_structures).glob("state_*.cif"))
     vols = [c.parent.parent / "gt_volumes" / f"{c.stem}.mrc" for c in cifs]
     trues = [box_frame_residues(c) for c in cifs]
     x0 = trues[0] - trues[0].mean(0)

@@ -95,3 +95,14 @@ def test_label_count_mismatch(tiny_dataset, tmp_path):
     np.save(tmp_path / "labels.npy", np.zeros(299, dtype=np.int64))
     with pytest.raises(InputError, match="labels.npy"):
         _dm(tiny_dataset, labels=str(tmp_path / "labels.npy"))
+
+
+def test_structure_may_name_a_bundled_model(tiny_dataset, tmp_path):
+    from cryobench_lab.data.presets import STRUCTURES_DIR
+
+    assert _dm(tiny_dataset, structure="adk/pdb1ake.pdb.gz").info.structure == str(STRUCTURES_DIR / "adk" / "pdb1ake.pdb.gz")
+    own = tmp_path / "mine.pdb.gz"  # a user's file is taken as it is
+    own.write_bytes((STRUCTURES_DIR / "adk" / "pdb1ake.pdb.gz").read_bytes())
+    assert _dm(tiny_dataset, structure=str(own)).info.structure == str(own)
+    # a name that is neither stays as given, for the model's one-line "file not found"
+    assert _dm(tiny_dataset, structure="adk/nothing.pdb").info.structure == "adk/nothing.pdb"

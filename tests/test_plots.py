@@ -101,3 +101,14 @@ def test_volume_montage_rows_and_columns(tmp_path, figures):
     one = plots.plot_volume_montage(tmp_path / "one.png", _volumes(1)[0])
     _check_readable(figures[-1], one)
     assert "(px)" in figures[-1].axes[0].get_xlabel()
+
+
+def test_auc_against_base_rmsd(tmp_path, figures):
+    rows = [{"state": s, "auc": 0.45 - 0.015 * s, "base_rmsd": 0.7 * s + 0.5} for s in (3, 0, 2, 1)]
+    p = plots.plot_auc_vs_rmsd(tmp_path / "fsc_vs_base_rmsd.png", rows)
+    _check_readable(figures[-1], p)
+    ax = figures[-1].axes[0]
+    assert "RMSD" in ax.get_xlabel() and "Å" in ax.get_xlabel()
+    x, y = ax.lines[0].get_data()
+    np.testing.assert_allclose(x, [0.5, 1.2, 1.9, 2.6])  # sorted by RMSD, each state's own AUC
+    np.testing.assert_allclose(y, [0.45, 0.435, 0.42, 0.405])

@@ -169,7 +169,7 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         write_per_state_csv(out_dir / "per_state.csv", result["per_state"])
         if rmsd is not None and options.figures:
             figures["fsc_vs_base_rmsd"] = plots.plot_auc_vs_rmsd(
-                fig_dir / "fsc_vs_base_rmsd.png", result["per_state"], title=f"{getattr(model, 'name', 'model')}: per-state FSC-AUC")
+                fig_dir / "fsc_vs_base_rmsd.png", result["per_state"], title=f"{getattr(model, 'method_name', 'model')}: per-state FSC-AUC")
     if latent is not None and options.figures:
         z = assigned_latent(latent, probs)
         if z.shape[1] >= 2:

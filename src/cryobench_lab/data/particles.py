@@ -251,13 +251,13 @@ class ParticleDataModule(L.LightningDataModule):
                 files["gt_structures"] = str(folder / meta["files"]["gt_structures"])
             if files["structure"] is None and meta.get("structure"):
                 files["structure"] = meta["structure"]
-            if files["structure"] and not Path(files["structure"]).expanduser().is_file():
-                from cryobench_lab.data.presets import STRUCTURES_DIR
-
-                if (STRUCTURES_DIR / files["structure"]).is_file():  # a bundled model, e.g. adk/pdb1ake.pdb.gz
-                    files["structure"] = str(STRUCTURES_DIR / files["structure"])
         elif not cfg.particles:
             raise InputError("data.particles is not set; pass data.particles=/path/to/particles.star (or .cs/.txt/.mrcs)")
+        if files["structure"] and not Path(files["structure"]).expanduser().is_file():
+            from cryobench_lab.data.presets import STRUCTURES_DIR
+
+            if (STRUCTURES_DIR / files["structure"]).is_file():  # a bundled model, e.g. adk/pdb1ake.pdb.gz
+                files["structure"] = str(STRUCTURES_DIR / files["structure"])
         return files
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -64,6 +64,7 @@ from cryobench_lab.io.structures import write_models
 from cryobench_lab.metrics.alignment import fit_atoms
 from cryobench_lab.models.base import ReconstructionModule
 from cryobench_lab.models.components.atoms import (
+    clash_penalty,
     local_frames,
     move_by_segments,
     move_per_residue,
@@ -195,7 +196,8 @@ class SegmentVAE(ReconstructionModule):
     def on_fit_start(self) -> None:
         if self.hparams.fit_base and not bool(self.base_fitted):
             dm = self.trainer.datamodule
-            self.dock_base(consensus_map(dm.all_dataloader(), self.D, self.apix))
+            fit = self.dock_base(consensus_map(dm.all_dataloader(), self.D, self.apix))
+            print(f"[segvae] base docked into the consensus map: correlation {fit['score']:.3f}", flush=True)
 
     @torch.no_grad()
     def dock_base(self, density: torch.Tensor) -> dict:
@@ -304,24 +306,8 @@ class SegmentVAE(ReconstructionModule):
         return ((d - self.bond_lengths) ** 2).mean()
 
     def clash(self, coords: torch.Tensor) -> torch.Tensor:
-        """Mean of ``relu(c² − d²)² / c⁴`` over non-neighbour pairs; 0 when no pair is closer than c.
-
-        Only pairs closer than c contribute (value and gradient), and they are few: they are found without
-        gradient from ``|a|² + |b|² − 2a·b`` (one batched matmul, with a 1 Å² margin for its rounding), and
-        the penalty is evaluated exactly on them. Same value and gradient as over all (B, n, n) pairs.
-        """
-        c2 = self.hparams.clash_threshold**2
-        with torch.no_grad():
-            sq = (coords * coords).sum(-1, keepdim=True)  # (B, n, 1)
-            ones = torch.ones_like(sq)
-            # d²_ij = [x_i, |x_i|², 1] · [−2x_j, 1, |x_j|²] as one batched matmul → (B, n, n)
-            d2 = torch.bmm(torch.cat([coords, sq, ones], -1), torch.cat([-2 * coords, ones, sq], -1).transpose(1, 2))
-            b, i, j = torch.nonzero(d2 < c2 + 1.0, as_tuple=True)  # few: near pairs, bonded neighbours, i = j
-            keep = self.clash_pairs[i, j]  # non-neighbour pairs, i < j
-            b, i, j = b[keep], i[keep], j[keep]
-        d2 = ((coords[b, i] - coords[b, j]) ** 2).sum(-1)  # (n_close,)
-        n_pairs = coords.shape[0] * int(self.n_clash_pairs)
-        return (torch.relu(c2 - d2) ** 2).sum() / (c2**2 * n_pairs)
+        """:func:`components.atoms.clash_penalty` of coords (B, n, 3) at ``clash_threshold``."""
+        return clash_penalty(coords, self.clash_pairs, int(self.n_clash_pairs), self.hparams.clash_threshold)
 
     def losses(self, batch: dict, progress: float = 1.0) -> dict:
         mu, logvar = self.posterior(batch)
