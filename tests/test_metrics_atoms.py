@@ -87,6 +87,20 @@ def test_distance_correlation_is_one_for_affine_related_sets_and_nan_when_consta
     assert np.isnan(distance_correlation(np.full((20, 3), 5.0), true))
 
 
+def test_distance_correlation_matches_numpy_and_a_value_by_hand():
+    # by hand: x = (1, 2, 3, 4), y = (1, 3, 2, 4): centred x·y = 4, |x|² = |y|² = 5 → r = 0.8
+    assert distance_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8, abs=1e-12)
+    rng = np.random.default_rng(3)
+    for rho in (0.0, 0.3, 0.7, -0.5):  # correlated random (M, P) tables, flattened as the metric does
+        true = rng.normal(20, 5, (30, 3))
+        pred = rho * (true - 20) + np.sqrt(1 - rho**2) * rng.normal(0, 5, (30, 3)) + 15
+        ref = np.corrcoef(pred.ravel(), true.ravel())[0, 1]
+        assert distance_correlation(pred, true) == pytest.approx(ref, abs=1e-12)
+        assert distance_correlation(torch.from_numpy(pred), true) == pytest.approx(ref, abs=1e-12)
+    with pytest.raises(InputError):
+        distance_correlation(np.ones((3, 2)), np.ones(7))
+
+
 def test_similarity_transformed_structures_have_distance_correlation_one():
     rng = np.random.default_rng(2)
     true = rng.normal(0, 10, (6, 40, 3))  # 6 "states"
@@ -107,7 +121,8 @@ def test_adk_transition_domain_distances_and_clashes_on_real_models():
     d = centre_of_mass_distances(frames, ADK_GROUPS)  # CORE–NMP, CORE–LID, NMP–LID
     # closed → open: the LID and NMP domains move away from the CORE and from each other
     assert (d[-1] - d[0] > 3).all()
-    assert distance_correlation(d, d) == pytest.approx(1.0)
+    # along the trajectory the three distances grow together: NumPy's Pearson r over all entries
+    assert distance_correlation(d.flip(0), d) == pytest.approx(np.corrcoef(d.flip(0).ravel(), d.ravel())[0, 1], abs=1e-12)
     assert distance_correlation(d.flip(0)[:, 1], d[:, 1]) < -0.5  # CORE–LID, frames reversed: anti-correlated
     clashes = count_clashes(frames)
     assert clashes.max() <= 3  # a physical transition: at most a rare tight contact

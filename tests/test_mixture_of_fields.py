@@ -160,14 +160,16 @@ def test_two_class_mixture_is_classified(two_class_run):
     labels = torch.as_tensor(dm.info.labels)[emb["index"]]
     metrics = classification_metrics(emb["class_probs"], labels)
     assert metrics["ari"] > 0.8, metrics  # chance is 0
-    # each state's class volume matches that state's ground truth (a pose/sign error would not)
+    # each state's class volume matches that state's ground truth nearly as well as the oracle's map and far
+    # better than the other state's (measured: own 0.27 / 0.24, other 0.13; the labelled backprojection gets
+    # 0.26 / 0.26 on these images). A pose/sign error, a mixed class or a band stuck at low resolution fails.
     classes = emb["class_probs"].argmax(1)
     for state in (0, 1):
         cls = int(torch.mode(classes[labels == state]).values)
         vol = model.decode(None, torch.tensor([cls]))[0]
         own = fsc_summary(vol, dm.info.gt_volumes[state], apix=dm.info.apix)["auc"]
         other = fsc_summary(vol, dm.info.gt_volumes[1 - state], apix=dm.info.apix)["auc"]
-        assert own > 0.1 and own > other, (state, own, other)
+        assert own > 0.2 and own > other + 0.08, (state, own, other)
 
 
 def test_outputs_written(two_class_run):

@@ -41,15 +41,19 @@ def _ctf_params(B: int) -> torch.Tensor:
     return row.expand(B, 9).clone()
 
 
-def _two_conformation_batch(model: SegmentVAE, B: int = 64, seed: int = 0) -> dict:
-    """Noisy CTF images of the base and of the base with its last third moved 6 Å along x, unit std."""
+def _two_conformation_batch(model: SegmentVAE, B: int = 64, seed: int = 0, views: int | None = None) -> dict:
+    """Noisy CTF images of the base and of the base with its last third moved 6 Å along x, unit std; label 1
+    for the moved one. Poses uniform, or drawn from a fixed set of ``views`` random rotations."""
     g = torch.Generator().manual_seed(seed)
     n = model.coords0.shape[0]
     moved = model.coords0.clone()
     moved[2 * n // 3 :, 0] += 6.0
     labels = torch.arange(B) % 2
     coords = torch.where(labels[:, None, None] == 1, moved, model.coords0) + model.offset  # (B, n, 3)
-    rot = random_rotations(B, generator=g)
+    if views is None:
+        rot = random_rotations(B, generator=g)
+    else:
+        rot = random_rotations(views, generator=torch.Generator().manual_seed(123))[torch.randint(0, views, (B,), generator=g)]
     trans = (torch.rand(B, 2, generator=g) - 0.5) * 4
     ctf = _ctf_params(B)
     img = project_gaussians(coords, model.sigmas, model.amplitudes, rot, D, APIX, -trans)
@@ -156,6 +160,33 @@ def test_training_lowers_the_loss(mode):
     assert last < first - 1e-3, (first, last)
     if m.segmentation is not None:
         torch.testing.assert_close(m.segmentation(True).sum(1), torch.ones(m.coords0.shape[0]))
+
+
+def test_latent_separates_two_conformations():
+    """Two conformations of AdK (last third moved 6 Å), four views: after 100 steps on 256 images, 2-means on
+    the posterior means of 128 held-out images recovers the conformations (ARI 1.0 measured at 90 steps;
+    −0.01 before training). Uniform poses need far more data or steps than a test has (ARI 0.3 here): the
+    encoder must learn to ignore the view."""
+    from cryobench_lab.metrics.classes import classification_metrics
+    from cryobench_lab.models.components.parts import kmeans_pp
+
+    torch.manual_seed(0)
+    m = SegmentVAE(_info(256), n_segments=3, encoder_hidden=64, decoder_hidden=64, encoder_layers=1,
+                   decoder_layers=2, lr=2e-3, seg_lr=2e-3, kl_warmup=0.0)
+    train = [_two_conformation_batch(m, B=64, seed=s, views=4) for s in range(4)]
+    held_out = _two_conformation_batch(m, B=128, seed=99, views=4)
+    opt = m.configure_optimizers()
+    m.train()
+    for step in range(100):
+        loss = m.losses(train[step % 4])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        z = m.embed(held_out)["latent"]  # (128, 8)
+    clusters, _ = kmeans_pp(z.numpy(), 2, seed=0)
+    assert classification_metrics(torch.as_tensor(clusters), held_out["label"], n_classes=2)["ari"] > 0.9
 
 
 def test_decode_and_structure_contract(model):
