@@ -5,7 +5,7 @@ before ``vol_2``); the oracle (``model=backproject``) is run on it through ``pyt
 the exit code, the FSC-AUC and any error or warning line are recorded. ``--src`` chooses the code (e.g.
 an export of an older commit) so the same cases can be run before and after a change::
 
-    python bench/input_checks.py --out /tmp/input_checks [--src /path/to/other/src] [--cases a,b]
+    python bench/input_checks.py --out /tmp/input_checks [--src /path/to/other/src] [--cases "a;b"]
 
 Writes ``<out>/results_<label>.json`` and prints a Markdown table.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,9 +79,9 @@ def _um(ctf):
     return ctf
 
 
-def cases(out: Path, data: Path) -> dict:
-    """{name: (expected behaviour, extra overrides)}; files are written under ``out/inputs``."""
-    gt, inp = data / "gt_volumes", out / "inputs"
+def cases(inp: Path, data: Path) -> dict:
+    """{name: (expected behaviour, extra overrides)}; files are written under ``inp``."""
+    gt = data / "gt_volumes"
     n = len(list(gt.glob("state_*.mrc")))
     same = lambda v, a: (v, a)  # noqa: E731
 
@@ -124,7 +125,7 @@ def cases(out: Path, data: Path) -> dict:
 
 
 def run_case(out: Path, data: Path, name: str, overrides: dict, src: Path, label: str) -> dict:
-    run_dir = out / f"runs_{label}" / name.replace(" ", "_").replace("/", "_")
+    run_dir = out / f"runs_{label}" / re.sub(r"[^A-Za-z0-9.]+", "_", name)  # a quote would break Hydra's parser
     shutil.rmtree(run_dir, ignore_errors=True)
     args = {"model": "backproject", "data": "custom", "data.particles": str(data / "particles.star"),
             "data.labels": str(data / "labels.npy"), "data.gt_volumes": str(data / "gt_volumes"),
@@ -150,12 +151,12 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--src", type=Path, default=REPO / "src", help="the cryobench_lab source tree to run")
     ap.add_argument("--label", default="after")
-    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--cases", default="", help="case names separated by ; (default: all)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     data = _dataset(a.out)
-    table = cases(a.out, data)
-    wanted = [c for c in a.cases.split(",") if c] or list(table)
+    table = cases(a.out / f"inputs_{a.label}", data)  # one folder per label: runs of both may overlap
+    wanted = [c for c in a.cases.split(";") if c] or list(table)
     rows = []
     for name in wanted:
         expected, overrides = table[name]
