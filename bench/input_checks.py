@@ -85,11 +85,10 @@ def cases(inp: Path, data: Path) -> dict:
     n = len(list(gt.glob("state_*.mrc")))
     same = lambda v, a: (v, a)  # noqa: E731
 
-    def padded(v, a):
-        D = v.shape[0]
-        p = np.zeros((D * 3 // 2,) * 3, np.float32)
-        p[D // 4 : D // 4 + D, D // 4 : D // 4 + D, D // 4 : D // 4 + D] = v
-        return p, a
+    def padded(factor):  # the same voxels in a larger box: a larger field of view
+        def pad(v, a):
+            return np.pad(v, (v.shape[0] * (factor - 2) // 4,) * 2), a
+        return pad
 
     def mixed(k):
         return f"vol_{k}.mrc" if k % 2 else f"state_{k}.mrc"
@@ -102,9 +101,9 @@ def cases(inp: Path, data: Path) -> dict:
         "2 two name patterns": ("refused, naming the folder",
                                 {"data.gt_volumes": _write_volumes(inp / "mixed", gt, mixed, same)}),
         "3 2D px at the particles' apix": ("refused, naming the file", {"data.gt_volumes": _write_volumes(
-            inp / "pad_fourier", gt, "state_{:03d}.mrc".format, lambda v, a: (_fourier_pad(v, 2 * v.shape[0]), a))}),
+            inp / "pad_2d", gt, "state_{:03d}.mrc".format, padded(4))}),
         "3 zero-padded into 1.5 D px": ("refused, naming the file", {"data.gt_volumes": _write_volumes(
-            inp / "pad_zero", gt, "state_{:03d}.mrc".format, padded)}),
+            inp / "pad_zero", gt, "state_{:03d}.mrc".format, padded(3))}),
         "3 cropped to 0.75 D px": ("refused before training, naming the file", {"data.gt_volumes": _write_volumes(
             inp / "crop", gt, "state_{:03d}.mrc".format,
             lambda v, a: (np.ascontiguousarray(v[4:-4, 4:-4, 4:-4]), a))}),
