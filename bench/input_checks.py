@@ -5,7 +5,7 @@ before ``vol_2``); the oracle (``model=backproject``) is run on it through ``pyt
 the exit code, the FSC-AUC and any error or warning line are recorded. ``--src`` chooses the code (e.g.
 an export of an older commit) so the same cases can be run before and after a change::
 
-    python bench/input_checks.py --out /tmp/input_checks [--src /path/to/other/src] [--cases a,b]
+    python bench/input_checks.py --out /tmp/input_checks [--src /path/to/other/src] [--cases "a;b"]
 
 Writes ``<out>/results_<label>.json`` and prints a Markdown table.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,17 +79,16 @@ def _um(ctf):
     return ctf
 
 
-def cases(out: Path, data: Path) -> dict:
-    """{name: (expected behaviour, extra overrides)}; files are written under ``out/inputs``."""
-    gt, inp = data / "gt_volumes", out / "inputs"
+def cases(inp: Path, data: Path) -> dict:
+    """{name: (expected behaviour, extra overrides)}; files are written under ``inp``."""
+    gt = data / "gt_volumes"
     n = len(list(gt.glob("state_*.mrc")))
     same = lambda v, a: (v, a)  # noqa: E731
 
-    def padded(v, a):
-        D = v.shape[0]
-        p = np.zeros((D * 3 // 2,) * 3, np.float32)
-        p[D // 4 : D // 4 + D, D // 4 : D // 4 + D, D // 4 : D // 4 + D] = v
-        return p, a
+    def padded(factor):  # the same voxels in a larger box: a larger field of view
+        def pad(v, a):
+            return np.pad(v, (v.shape[0] * (factor - 2) // 4,) * 2), a
+        return pad
 
     def mixed(k):
         return f"vol_{k}.mrc" if k % 2 else f"state_{k}.mrc"
@@ -101,9 +101,9 @@ def cases(out: Path, data: Path) -> dict:
         "2 two name patterns": ("refused, naming the folder",
                                 {"data.gt_volumes": _write_volumes(inp / "mixed", gt, mixed, same)}),
         "3 2D px at the particles' apix": ("refused, naming the file", {"data.gt_volumes": _write_volumes(
-            inp / "pad_fourier", gt, "state_{:03d}.mrc".format, lambda v, a: (_fourier_pad(v, 2 * v.shape[0]), a))}),
+            inp / "pad_2d", gt, "state_{:03d}.mrc".format, padded(4))}),
         "3 zero-padded into 1.5 D px": ("refused, naming the file", {"data.gt_volumes": _write_volumes(
-            inp / "pad_zero", gt, "state_{:03d}.mrc".format, padded)}),
+            inp / "pad_zero", gt, "state_{:03d}.mrc".format, padded(3))}),
         "3 cropped to 0.75 D px": ("refused before training, naming the file", {"data.gt_volumes": _write_volumes(
             inp / "crop", gt, "state_{:03d}.mrc".format,
             lambda v, a: (np.ascontiguousarray(v[4:-4, 4:-4, 4:-4]), a))}),
@@ -124,7 +124,7 @@ def cases(out: Path, data: Path) -> dict:
 
 
 def run_case(out: Path, data: Path, name: str, overrides: dict, src: Path, label: str) -> dict:
-    run_dir = out / f"runs_{label}" / name.replace(" ", "_").replace("/", "_")
+    run_dir = out / f"runs_{label}" / re.sub(r"[^A-Za-z0-9.]+", "_", name)  # a quote would break Hydra's parser
     shutil.rmtree(run_dir, ignore_errors=True)
     args = {"model": "backproject", "data": "custom", "data.particles": str(data / "particles.star"),
             "data.labels": str(data / "labels.npy"), "data.gt_volumes": str(data / "gt_volumes"),
@@ -150,12 +150,12 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--src", type=Path, default=REPO / "src", help="the cryobench_lab source tree to run")
     ap.add_argument("--label", default="after")
-    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--cases", default="", help="case names separated by ; (default: all)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     data = _dataset(a.out)
-    table = cases(a.out, data)
-    wanted = [c for c in a.cases.split(",") if c] or list(table)
+    table = cases(a.out / f"inputs_{a.label}", data)  # one folder per label: runs of both may overlap
+    wanted = [c for c in a.cases.split(";") if c] or list(table)
     rows = []
     for name in wanted:
         expected, overrides = table[name]

@@ -129,7 +129,7 @@ def _bad_grids(base):
     padded = np.zeros((48, 48, 48), np.float32)
     padded[8:40, 8:40, 8:40] = base
     return {
-        "64 px at the particles' 3 Å (Fourier-padded)": (_fourier_pad(base, 64), 3.0),
+        "64 px at the particles' 3 Å": (np.pad(base, 16), 3.0),
         "zero-padded into 48 px at 3 Å": (padded, 3.0),
         "cropped to 24 px at 3 Å": (np.ascontiguousarray(base[4:28, 4:28, 4:28]), 3.0),
         "32 px at 1.5 Å": (base, 1.5),
