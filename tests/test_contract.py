@@ -140,9 +140,13 @@ runpy.run_module("cryobench_lab", run_name="__main__")
 
 
 def _cli(args: list[str], cwd: Path, **faults: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(torch.get_num_threads()),
+    # this checkout's code, whatever the cwd and whichever checkout the environment's editable install names
+    path = os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=path,
                **{f"CONTRACT_{k.upper()}": v for k, v in faults.items()})
-    return subprocess.run([sys.executable, "-c", FAULTS, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    # without faults the plain entry point: DDP restarts its children with this process's own command line
+    code = ["-c", FAULTS] if faults else ["-m", "cryobench_lab"]
+    return subprocess.run([sys.executable, *code, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
-from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
+from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, EpochCheckpoint, ReliabilityCallback
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.atomic import atomic_path, write_json_atomic
@@ -288,7 +287,7 @@ def run(cfg: DictConfig) -> dict:
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
         logger=build_loggers(cfg, out_dir) or False,
-        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard],
+        callbacks=[EpochCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)
