@@ -65,7 +65,7 @@ TINY = {
 KILL_EPOCH = {"backproject": 0, "partgmm": 2, "partgmm_flat": 2, "partgmm_posenc": 2, "partgmm_oversegmented": 2}
 # In the default suite: (b) for every config; (a) and (c) for the methods this contract changed most (each
 # such test is 2-3 runs with process start-ups); every other config is marked slow (make test-full).
-FAST_KILL = {"partgmm", "multiclass"}
+FAST_KILL = {"multiclass"}  # partgmm's optimiser states in last.ckpt: test_partgmm_nan_gradient_stops_before_the_step
 FAST_DDP = {"multiclass"}
 
 
@@ -189,10 +189,10 @@ def test_nan_in_a_batch_stops_with_one_line(name, tiny_dataset, mask, tmp_path, 
 
 def test_nan_in_a_batch_exits_3_with_one_line_from_the_cli(tiny_dataset, mask, tmp_path):
     out = tmp_path / "run"
-    proc = _cli([*_args("partgmm", tiny_dataset, mask), f"hydra.run.dir={out}"], tmp_path, nan="2,1")
+    proc = _cli([*_args("partgmm", tiny_dataset, mask), f"hydra.run.dir={out}"], tmp_path, nan="1,1")
     assert proc.returncode == 3, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "epoch 2, batch 1 " in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and "epoch 1, batch 1 " in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"last finite checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in errors[0]
     assert not (out / "metrics.json").exists()
