@@ -14,14 +14,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from cryobench_lab.callbacks.distributed import SumBuffersAcrossRanks
 from cryobench_lab.callbacks.evaluation import EvaluationCallback, ScoreOptions
 from cryobench_lab.callbacks.exports import LatentSnapshots
 from cryobench_lab.callbacks.progress import RunLog, RunProgressBar, append_run_log, quiet_library_noise
-from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, ReliabilityCallback
+from cryobench_lab.callbacks.reliability import NONFINITE_MODES, AtomicCheckpointIO, EpochCheckpoint, ReliabilityCallback
 from cryobench_lab.config import validate
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
@@ -333,7 +332,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, created: bool) -> dict:
         **_trainer_kwargs(cfg, model.default_epochs),
         default_root_dir=str(out_dir),
         logger=build_loggers(cfg, out_dir, keep=keep, wandb_id=record.get("wandb_run_id")) or False,
-        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard, run_log, *shown],
+        callbacks=[EpochCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), evaluation, guard, run_log, *shown],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # DDP: the datamodule shards each batch itself (data/particles.py)

@@ -26,6 +26,7 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cryobench_lab.errors import TrainingError
@@ -65,6 +66,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also saves the epochs of methods without optimiser steps.
+
+    Lightning skips a save when ``global_step`` has not moved since the last one; an EM or backprojection
+    method never steps an optimiser, so its ``global_step`` stays 0 and it would never be checkpointed (a
+    killed ``multiclass`` run restarted from scratch). Every epoch's end is a new state, so it is saved.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved == trainer.global_step:
+            self._last_global_step_saved = -1
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class ReliabilityCallback(L.Callback):
