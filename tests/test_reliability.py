@@ -68,6 +68,9 @@ def _entry(args: list[str], cwd: Path, wrapper: str | None = None) -> subprocess
 def _same_metrics(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     for key in set(a) - TIMING:
+        if key == "val/per_state":  # name the entry that differs
+            for x, y in zip(a[key], b[key]):
+                assert x == y, {k: (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)}
         assert a[key] == b[key], key
 
 

@@ -164,8 +164,8 @@ def score_model(model, datamodule, out_dir: Path, options: ScoreOptions, split: 
         result.update(atom_scores(model, latent, probs, info))
     if result.get("per_state"):
         rmsd = base_rmsds(model, info)
-        for row in result["per_state"]:
-            row["base_rmsd"] = float(rmsd[row["state"]]) if rmsd is not None else float("nan")
+        for row in result["per_state"] if rmsd is not None else ():  # only methods with a base model
+            row["base_rmsd"] = float(rmsd[row["state"]])
         write_per_state_csv(out_dir / "per_state.csv", result["per_state"])
         if rmsd is not None and options.figures:
             figures["fsc_vs_base_rmsd"] = plots.plot_auc_vs_rmsd(
@@ -254,7 +254,7 @@ def base_rmsds(model, info) -> np.ndarray | None:
 
 def write_per_state_csv(path: Path, per_state: list) -> None:
     """``state,base_rmsd,fsc_auc`` per ground-truth state (base_rmsd in Å, ``nan`` without a base model)."""
-    lines = ["state,base_rmsd,fsc_auc"] + [f"{r['state']},{r['base_rmsd']:.4f},{r['auc']:.6f}" for r in per_state]
+    lines = ["state,base_rmsd,fsc_auc"] + [f"{r['state']},{r.get('base_rmsd', float('nan')):.4f},{r['auc']:.6f}" for r in per_state]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
