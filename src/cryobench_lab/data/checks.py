@@ -80,7 +80,7 @@ def pose_warning(images: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor, c
         return None, scores
     return (f"{source}: under the given poses, half maps of {len(rot)} images agree no better than under shuffled "
             f"poses (low-resolution half-map FSC {given:.2f} vs {shuffled:.2f}): the poses may be transposed, "
-            "inverted, in other units, or in another particle order; check them before trusting any "
+            "inverted, or in another particle order (or the CTF is wrong); check them before trusting any "
             "result"), scores
 
 
