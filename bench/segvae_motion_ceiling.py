@@ -24,7 +24,6 @@ import argparse
 import json
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -36,7 +35,7 @@ from cryobench_lab.io.structures import read_structure
 from cryobench_lab.metrics.atoms import superposed_rmsd
 from cryobench_lab.metrics.fsc import fsc_summary
 from cryobench_lab.models.components.segmentation import block_labels
-from cryobench_lab.physics.gaussians import atom_amplitudes, band_limited_sigma, voxelize_gaussians
+from cryobench_lab.physics.gaussians import band_limited_sigma, voxelize_gaussians
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +81,8 @@ def main() -> None:
         st = read_structure(f, keep_ligands=True)
         ca = st.residue_coords.astype(np.float64)
         gt = info.gt_volumes[s].numpy()
-        auc = lambda atoms, numbers=base.atom_numbers: fsc_summary(volume(atoms, numbers, info.box_size, info.apix), gt, info.apix)["auc"]
+        def auc(atoms, numbers=base.atom_numbers):
+            return fsc_summary(volume(atoms, numbers, info.box_size, info.apix), gt, info.apix)["auc"]
         row = {"state": s, "base_rmsd": float(superposed_rmsd(ca0, ca)[0])}
         R, t = kabsch(ca0, ca)
         row["rigid"] = auc(base.atom_coords @ R.T + t)

@@ -332,7 +332,8 @@ def test_fit_base_docks_the_base_into_a_map_and_survives_a_checkpoint():
     state = read_states(pdb, frame="t")[0]
     density = render_volume(state.with_coords(target.numpy(), "t", "t"), np.zeros(3), 48, 2.0, blur_sigma(2.0))
     m.dock_base(torch.as_tensor(density))
-    rms = lambda a, b: float(((a.double() - b.double()) ** 2).sum(-1).mean().sqrt())
+    def rms(a, b):
+        return float(((a.double() - b.double()) ** 2).sum(-1).mean().sqrt())
     assert rms(start, target) > 10.0
     assert rms(m.atom_coords0 + m.offset, target) < 0.5  # Å
     ca = torch.from_numpy(m.base.structure.atom_coords[m.base.structure.residue_atom_index] - m.base.origin)
