@@ -35,13 +35,10 @@ def _dataset(out: Path) -> Path:
 
 
 def _fourier_pad(vol: np.ndarray, D: int) -> np.ndarray:
-    from cryobench_lab.physics.fft import fft3_center, ifft3_center
+    """The same map sampled on a finer grid (box D, same field of view)."""
+    from cryobench_lab.physics.fft import fourier_pad_3d
 
-    D0 = vol.shape[0]
-    lo = D // 2 - D0 // 2
-    F = torch.zeros((D, D, D), dtype=torch.complex64)
-    F[lo : lo + D0, lo : lo + D0, lo : lo + D0] = fft3_center(torch.from_numpy(vol))
-    return ifft3_center(F).real.numpy()
+    return fourier_pad_3d(torch.from_numpy(vol), D).numpy()
 
 
 def _write_volumes(folder: Path, src: Path, name, transform) -> str:

@@ -49,6 +49,7 @@ def row(folder: Path, cryodrgn: dict[str, float]) -> dict:
         "floor": m.get("val/floor_fsc_auc_mean", math.nan), "oracle": m.get("val/oracle_fsc_auc_mean", math.nan),
         "method_fsc_auc": m.get("val/fsc_auc_mean", math.nan),
         "method_fsc_auc_gtmask": m.get("val/fsc_auc_mean_gtmask", math.nan),
+        "oracle_gtmask": m.get("val/oracle_fsc_auc_mean_gtmask", math.nan),
         "cryodrgn": cryodrgn.get(data, math.nan),
         "state_min": float(np.min(per_state)) if per_state else math.nan,
         "state_median": float(np.median(per_state)) if per_state else math.nan,
@@ -60,7 +61,7 @@ def row(folder: Path, cryodrgn: dict[str, float]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | dataset | floor (consensus) | oracle | method | method, GT-support mask | cryoDRGN | "
+    head = ("| method | dataset | floor (consensus) | oracle | method | GT mask: method / oracle | cryoDRGN | "
             "per-state min / median / max | ARI | command |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def f(x):
@@ -68,7 +69,7 @@ def markdown(rows: list[dict]) -> str:
 
     return head + "".join(
         f"| {r['method']} | {r['dataset']} | {f(r['floor'])} | {f(r['oracle'])} | **{f(r['method_fsc_auc'])}** | "
-        f"{f(r['method_fsc_auc_gtmask'])} | {f(r['cryodrgn'])} | {f(r['state_min'])} / {f(r['state_median'])} / "
+        f"{f(r['method_fsc_auc_gtmask'])} / {f(r['oracle_gtmask'])} | {f(r['cryodrgn'])} | {f(r['state_min'])} / {f(r['state_median'])} / "
         f"{f(r['state_max'])} | {f(r['ari'])} | `{r['command']}` |\n" for r in rows)
 
 

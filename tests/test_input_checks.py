@@ -22,7 +22,6 @@ from cryobench_lab.config import DataConfig
 from cryobench_lab.data.particles import ParticleDataModule
 from cryobench_lab.errors import InputError
 from cryobench_lab.io.mrc import read_mrc, write_mrc
-from cryobench_lab.physics.fft import fft3_center, ifft3_center
 
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
                "rlnAmplitudeContrast", "rlnPhaseShift")
@@ -48,12 +47,10 @@ def _state_volume(tiny, s: int = 0) -> np.ndarray:
 
 
 def _fourier_pad(vol: np.ndarray, D: int) -> np.ndarray:
-    """The same map sampled on a finer grid (box D, same field of view): zero-padded spectrum."""
-    D0 = vol.shape[0]
-    lo = D // 2 - D0 // 2
-    F = torch.zeros((D, D, D), dtype=torch.complex64)
-    F[lo : lo + D0, lo : lo + D0, lo : lo + D0] = fft3_center(torch.from_numpy(vol))
-    return ifft3_center(F).real.numpy()
+    """The same map sampled on a finer grid (box D, same field of view)."""
+    from cryobench_lab.physics.fft import fourier_pad_3d
+
+    return fourier_pad_3d(torch.from_numpy(vol), D).numpy()
 
 
 def _corr(a, b) -> float:

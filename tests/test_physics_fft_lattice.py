@@ -112,3 +112,19 @@ def test_soft_window_is_a_raised_cosine_between_the_radii():
         expected = 0.5 * (1 + math.cos(math.pi * (r - 0.5) / 0.4))
         assert w[D // 2, D // 2 + x].item() == pytest.approx(expected, abs=1e-12)
     assert bool(((w >= 0) & (w <= 1)).all())
+
+
+def test_fourier_pad_3d_samples_the_same_map_on_a_finer_grid():
+    from cryobench_lab.physics.fft import fourier_pad_3d
+
+    def blob(D):  # the same Gaussian (σ = 1/10 of the field of view) sampled on D³ voxels
+        x = (torch.arange(D) - D // 2) / D
+        r2 = x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2
+        return torch.exp(-r2 / (2 * 0.1**2))
+
+    fine = fourier_pad_3d(blob(16), 32)
+    assert fine.shape == (32, 32, 32)
+    ref = blob(32)
+    cos = float((fine * ref).sum() / (fine.norm() * ref.norm()))
+    assert cos > 0.999
+    assert abs(float(fine[16, 16, 16] / fine.max()) - 1) < 1e-5  # the centre stays the centre

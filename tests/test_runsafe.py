@@ -28,6 +28,7 @@ from cryobench_lab.config import register_configs
 from cryobench_lab.errors import InputError, TrainingError
 from cryobench_lab.models.mixture_of_fields import MixtureOfFields
 from cryobench_lab.sweeps import finished_metrics
+from test_reliability import KILLER  # kills a run with SIGKILL at batch 1 of epoch 1
 
 register_configs()
 
@@ -232,22 +233,6 @@ def test_csv_history_survives_two_crashes(finished, tiny_dataset, tmp_path, monk
     pd.testing.assert_frame_equal(_csv(out), _csv(finished[1]))  # the uninterrupted run's log, row for row
 
 
-KILLER = """
-import os, runpy, signal, sys
-import lightning as L
-
-class KillMidEpoch(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 1 and batch_idx == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-init = L.Trainer.__init__
-def patched(self, *args, callbacks=None, **kwargs):
-    init(self, *args, callbacks=[*(callbacks or []), KillMidEpoch()], **kwargs)
-L.Trainer.__init__ = patched
-sys.argv = ["cryobench_lab", *sys.argv[1:]]
-runpy.run_module("cryobench_lab", run_name="__main__")
-"""
 
 
 @pytest.mark.slow

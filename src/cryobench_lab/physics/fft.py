@@ -55,3 +55,13 @@ def ht3_center(v: torch.Tensor) -> torch.Tensor:
 def iht3_center(H: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`ht3_center`: the same transform divided by the number of voxels."""
     return ht3_center(H) / (H.shape[-1] * H.shape[-2] * H.shape[-3])
+
+
+def fourier_pad_3d(volume: torch.Tensor, D: int) -> torch.Tensor:
+    """The same map on a finer grid: ``(D0, D0, D0)`` real → ``(D, D, D)`` real, D ≥ D0, same field of view
+    (voxel size × D0 / D), by zero-padding the centred spectrum."""
+    D0 = volume.shape[-1]
+    lo = D // 2 - D0 // 2
+    spectrum = torch.zeros((D, D, D), dtype=torch.complex64)
+    spectrum[lo : lo + D0, lo : lo + D0, lo : lo + D0] = fft3_center(volume)
+    return ifft3_center(spectrum).real
