@@ -30,6 +30,7 @@ from cryobench_lab.cli import CONF_DIR
 from cryobench_lab.config import register_configs
 from cryobench_lab.errors import TrainingError
 from cryobench_lab.models.partgmm import PartGMM
+from test_reliability import cli_with_callback
 
 register_configs()
 
@@ -108,7 +109,7 @@ def _run(args: list[str], out: Path) -> dict:
 # A subprocess of the CLI with faults: CONTRACT_KILL="epoch,batch" sends itself SIGKILL when that batch starts;
 # CONTRACT_NAN="epoch,batch" writes a NaN into that batch's first image after it reached the device (the
 # DataModule's hook, before any callback or method sees the batch).
-FAULTS = """
+FAULTS = cli_with_callback("""
 import os, runpy, signal, sys
 import lightning as L
 from cryobench_lab.data.particles import ParticleDataModule
@@ -133,13 +134,7 @@ def poison(self, batch, dataloader_idx):
     return batch
 
 ParticleDataModule.on_after_batch_transfer = poison
-init = L.Trainer.__init__
-def patched(self, *args, callbacks=None, **kwargs):
-    init(self, *args, callbacks=[*(callbacks or []), Kill()], **kwargs)
-L.Trainer.__init__ = patched
-sys.argv = ["cryobench_lab", *sys.argv[1:]]
-runpy.run_module("cryobench_lab", run_name="__main__")
-"""
+""", "Kill")
 
 
 def _cli(args: list[str], cwd: Path, **faults: str) -> subprocess.CompletedProcess:

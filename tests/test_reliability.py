@@ -106,7 +106,20 @@ def test_run_folder_records_provenance(reference):
 
 
 # ---- resume ------------------------------------------------------------------------------------------
-KILLER = """
+def cli_with_callback(prelude: str, callback: str) -> str:
+    """``python -c`` source that runs the CLI with ``callback()`` (a Lightning callback class defined in
+    ``prelude``, which imports os, runpy, signal, sys and lightning as L) added to the Trainer."""
+    return prelude + f"""
+init = L.Trainer.__init__
+def patched(self, *args, callbacks=None, **kwargs):
+    init(self, *args, callbacks=[*(callbacks or []), {callback}()], **kwargs)
+L.Trainer.__init__ = patched
+sys.argv = ["cryobench_lab", *sys.argv[1:]]
+runpy.run_module("cryobench_lab", run_name="__main__")
+"""
+
+
+KILLER = cli_with_callback("""
 import os, runpy, signal, sys
 import lightning as L
 
@@ -115,13 +128,7 @@ class KillMidEpoch(L.Callback):
         if trainer.current_epoch == 1 and batch_idx == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
-init = L.Trainer.__init__
-def patched(self, *args, callbacks=None, **kwargs):
-    init(self, *args, callbacks=[*(callbacks or []), KillMidEpoch()], **kwargs)
-L.Trainer.__init__ = patched
-sys.argv = ["cryobench_lab", *sys.argv[1:]]
-runpy.run_module("cryobench_lab", run_name="__main__")
-"""
+""", "KillMidEpoch")
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tiny_dataset, tmp_path):
